@@ -1,0 +1,28 @@
+"""hf-pds: multimodal dataset distillation with prototype-guided data synthesis (PDS, ICLR 2026)."""
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# Heavy modules (torch, diffusers, transformers) are imported on first use of a name, so that
+# `import hf_pds` and the prototype engine stay quick to import.
+_EXPORTS = {
+    "PDSPipeline": "pipeline_pds",
+    "PDSPipelineOutput": "distilled",
+    "Prototypes": "prototypes",
+    "extract_prototypes": "prototypes",
+}
+
+__all__ = ["PDSPipeline", "PDSPipelineOutput", "Prototypes", "__version__", "extract_prototypes"]
+
+if TYPE_CHECKING:
+    from .distilled import PDSPipelineOutput
+    from .pipeline_pds import PDSPipeline
+    from .prototypes import Prototypes, extract_prototypes
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,329 @@
+"""``PDSPipeline``: distill an image-caption dataset into a few synthetic pairs (PDS, ICLR 2026)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
+
+from .distilled import PDSPipelineOutput, build_distilled_dataset
+from .embedding import collect_captions, embed_dataset
+from .prototypes import check_budget, extract_prototypes
+from .synthesis import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NEGATIVE_PROMPT,
+    DEFAULT_NOISE_LEVEL,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    DEFAULT_OUTPUT_SIZE,
+    check_generation_settings,
+    prototype_seed,
+    synthesize,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT = "stabilityai/stable-diffusion-2-1-unclip-small"
+
+# The CLIP model whose text tower matches each unCLIP image encoder, keyed by the vision tower's
+# (hidden_size, projection_dim, patch_size).
+KNOWN_CLIP_MODELS = {
+    (1024, 768, 14): "openai/clip-vit-large-patch14",  # stable-diffusion-2-1-unclip-small
+    (1280, 1024, 14): "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",  # stable-diffusion-2-1-unclip
+}
+
+_UNCLIP_COMPONENTS = (
+    "feature_extractor",
+    "image_encoder",
+    "image_normalizer",
+    "image_noising_scheduler",
+    "tokenizer",
+    "text_encoder",
+    "unet",
+    "scheduler",
+    "vae",
+)
+
+
+class PDSPipeline(DiffusionPipeline):
+    r"""
+    Prototype-guided data synthesis: turn an image-caption dataset into ``budget`` synthetic pairs.
+
+    PDS is learning-free. It embeds every image and caption with CLIP, drops the least aligned pairs,
+    clusters the image and the text embeddings separately, matches image to text clusters by overlap,
+    averages each matched cluster pair into an image and a text prototype, and decodes each image
+    prototype with unCLIP, prompted by the training caption closest to its text prototype.
+
+    The unCLIP image encoder embeds the images for clustering, so that prototypes live in the space the
+    decoder is conditioned on; ``clip_text_encoder`` is the text tower of the same CLIP model.
+
+    Args:
+        feature_extractor ([`~transformers.CLIPImageProcessor`]): pre-processing of the CLIP image encoder.
+        image_encoder ([`~transformers.CLIPVisionModelWithProjection`]): CLIP image tower (unCLIP's).
+        image_normalizer ([`StableUnCLIPImageNormalizer`]): unCLIP's image-embedding normaliser.
+        image_noising_scheduler ([`KarrasDiffusionSchedulers`]): noise schedule of the image embedding.
+        tokenizer ([`~transformers.CLIPTokenizer`]): tokenizer of unCLIP's prompt encoder.
+        text_encoder ([`~transformers.CLIPTextModel`]): unCLIP's prompt encoder (cross-attention).
+        unet ([`UNet2DConditionModel`]): unCLIP's denoiser.
+        scheduler ([`KarrasDiffusionSchedulers`]): the denoising scheduler.
+        vae ([`AutoencoderKL`]): decodes latents to images.
+        clip_tokenizer ([`~transformers.CLIPTokenizer`]): tokenizer of ``clip_text_encoder``.
+        clip_text_encoder ([`~transformers.CLIPTextModelWithProjection`]): CLIP text tower with projection
+            matching ``image_encoder``; embeds the captions.
+    """
+
+    model_cpu_offload_seq = "image_encoder->clip_text_encoder->text_encoder->unet->vae"
+    _exclude_from_cpu_offload = ["image_normalizer"]
+    # A plain unCLIP checkpoint has no CLIP text tower: from_pretrained loads the matching one.
+    _optional_components = ["clip_tokenizer", "clip_text_encoder"]
+
+    def __init__(
+        self,
+        feature_extractor: CLIPImageProcessor,
+        image_encoder: CLIPVisionModelWithProjection,
+        image_normalizer: StableUnCLIPImageNormalizer,
+        image_noising_scheduler: KarrasDiffusionSchedulers,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModel,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        vae: AutoencoderKL,
+        clip_tokenizer: CLIPTokenizer | None = None,
+        clip_text_encoder: CLIPTextModelWithProjection | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+            image_normalizer=image_normalizer,
+            image_noising_scheduler=image_noising_scheduler,
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            unet=unet,
+            scheduler=scheduler,
+            vae=vae,
+            clip_tokenizer=clip_tokenizer,
+            clip_text_encoder=clip_text_encoder,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        clip_model_name_or_path: str | os.PathLike | None = None,
+        **kwargs,
+    ) -> PDSPipeline:
+        r"""
+        Load a PDS pipeline from a saved ``PDSPipeline`` folder or from a stable unCLIP checkpoint.
+
+        Args:
+            pretrained_model_name_or_path: Hub id or local folder. A plain unCLIP checkpoint such as
+                ``stabilityai/stable-diffusion-2-1-unclip-small`` works: its CLIP text tower is loaded from
+                ``clip_model_name_or_path``.
+            clip_model_name_or_path: CLIP model whose ``CLIPTextModelWithProjection`` and tokenizer embed the
+                captions, used when the checkpoint has none. Defaults to the CLIP model of the checkpoint's image
+                encoder (``openai/clip-vit-large-patch14`` for the ``-small`` checkpoint).
+            **kwargs: passed to [`DiffusionPipeline.from_pretrained`] (``dtype``, ``revision``, ...); ``dtype``,
+                ``cache_dir``, ``local_files_only`` and ``token`` also apply to the CLIP text tower.
+        """
+        pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if pipeline.clip_text_encoder is None or pipeline.clip_tokenizer is None:
+            name = clip_model_name_or_path or matching_clip_model(pipeline.image_encoder.config)
+            loading = {key: kwargs[key] for key in ("cache_dir", "local_files_only", "token") if key in kwargs}
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            clip_text_encoder = CLIPTextModelWithProjection.from_pretrained(name, dtype=dtype, **loading)
+            clip_tokenizer = CLIPTokenizer.from_pretrained(name, **loading)
+            pipeline.register_modules(clip_text_encoder=clip_text_encoder, clip_tokenizer=clip_tokenizer)
+        pipeline.check_components()
+        return pipeline
+
+    def check_components(self) -> None:
+        """Raise ``ValueError`` unless the CLIP towers and the decoder share one embedding space."""
+        if self.clip_text_encoder is None or self.clip_tokenizer is None:
+            raise ValueError("PDSPipeline needs clip_text_encoder and clip_tokenizer to embed the captions.")
+        image_dim = self.image_encoder.config.projection_dim
+        text_dim = self.clip_text_encoder.config.projection_dim
+        if image_dim != text_dim:
+            raise ValueError(
+                f"clip_text_encoder projects to {text_dim} dimensions but image_encoder to {image_dim}: "
+                "they must be the two towers of one CLIP model."
+            )
+        normalizer_dim = self.image_normalizer.mean.shape[-1]
+        if normalizer_dim != image_dim:
+            raise ValueError(
+                f"image_normalizer expects {normalizer_dim}-d image embeddings but image_encoder makes {image_dim}-d."
+            )
+
+    def unclip_pipeline(self) -> StableUnCLIPImg2ImgPipeline:
+        """A ``StableUnCLIPImg2ImgPipeline`` sharing this pipeline's unCLIP components (no copy)."""
+        unclip = StableUnCLIPImg2ImgPipeline(**{name: getattr(self, name) for name in _UNCLIP_COMPONENTS})
+        unclip.set_progress_bar_config(disable=True)
+        return unclip
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        dataset,
+        budget: int,
+        image_column: str = "image",
+        caption_column: str = "caption",
+        *,
+        prune_ratio: float = 0.2,
+        normalize: bool = False,
+        num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        noise_level: int = DEFAULT_NOISE_LEVEL,
+        negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
+        generator: torch.Generator | None = None,
+        seed: int = 42,
+        output_size: int | None = DEFAULT_OUTPUT_SIZE,
+        batch_size: int = 8,
+        embedding_batch_size: int = 64,
+        skip_invalid_rows: bool = False,
+        return_dict: bool = True,
+    ) -> PDSPipelineOutput | tuple:
+        r"""
+        Distill ``dataset`` into ``budget`` synthetic image-caption pairs.
+
+        Args:
+            dataset (`datasets.Dataset`): one row per image; the caption column holds a string or a list of
+                strings (several captions per image, as Flickr30k and COCO).
+            budget (`int`): number of distilled pairs (k-means K).
+            image_column (`str`, defaults to `"image"`): column of images (``datasets.Image`` or paths).
+            caption_column (`str`, defaults to `"caption"`): column of captions.
+            prune_ratio (`float`, defaults to 0.2): fraction of pairs with the lowest image-text cosine dropped
+                before clustering.
+            normalize (`bool`, defaults to `False`): cluster L2-normalised embeddings (prototypes stay raw means).
+            num_inference_steps (`int`, defaults to 100): denoising steps of unCLIP.
+            guidance_scale (`float`, defaults to 5.0): classifier-free guidance scale; <= 1 turns it off.
+            noise_level (`int`, defaults to 10): noise added to the image prototype before conditioning.
+            negative_prompt (`str`, defaults to `"text, watermark"`): negative prompt of every image.
+            generator (`torch.Generator`, *optional*): draws the run seed when given (instead of ``seed``).
+            seed (`int`, defaults to 42): run seed: k-means ``random_state`` and the source of each prototype's
+                own generation seed.
+            output_size (`int`, defaults to 224): side of the square output images (LANCZOS); None keeps the
+                decoder's size.
+            batch_size (`int`, defaults to 8): prototypes decoded at once. Images do not depend on it.
+            embedding_batch_size (`int`, defaults to 64): images or captions per CLIP forward pass.
+            skip_invalid_rows (`bool`, defaults to `False`): leave out rows with a missing image or an empty
+                caption (with a warning) instead of raising.
+            return_dict (`bool`, defaults to `True`): return a [`PDSPipelineOutput`] instead of a tuple.
+
+        Returns:
+            [`PDSPipelineOutput`] with the distilled ``dataset`` and its ``prototypes``, or the tuple
+            ``(dataset, prototypes)``.
+        """
+        # 1. Check inputs, before any model runs.
+        self.check_components()
+        check_generation_settings(
+            num_inference_steps,
+            guidance_scale,
+            noise_level,
+            self.image_noising_scheduler.config.num_train_timesteps,
+            output_size,
+            batch_size,
+        )
+        table = collect_captions(dataset, image_column, caption_column, skip_invalid_rows)
+        check_budget(budget, len(table.captions), prune_ratio, n_images=len(table.rows))
+        if generator is not None:
+            seed = int(torch.randint(0, 2**32 - 1, (1,), generator=generator))
+        progress = not self._progress_bar_config.get("disable", False)
+        device = self._execution_device
+
+        # 2. Embed every image once and every caption with CLIP.
+        started = time.perf_counter()
+        embeddings = embed_dataset(
+            dataset,
+            table,
+            image_column,
+            self.image_encoder,
+            self.feature_extractor,
+            self.clip_text_encoder,
+            self.clip_tokenizer,
+            device,
+            batch_size=embedding_batch_size,
+            progress=progress,
+        )
+        logger.info(
+            "Embedded %d images and %d captions in %.1f s.",
+            len(embeddings.image_embeds),
+            len(embeddings.text_embeds),
+            time.perf_counter() - started,
+        )
+
+        # 3. Prune, cluster, match: the prototypes.
+        started = time.perf_counter()
+        prototypes = extract_prototypes(
+            embeddings.image_embeds,
+            embeddings.text_embeds,
+            embeddings.caption_image,
+            budget=budget,
+            prune_ratio=prune_ratio,
+            normalize=normalize,
+            seed=seed,
+        )
+        logger.info("Extracted %d prototypes in %.1f s.", len(prototypes), time.perf_counter() - started)
+
+        # 4. Decode each image prototype, prompted by its retrieved caption, with its own seed.
+        started = time.perf_counter()
+        prompts = [embeddings.captions[index] for index in prototypes.caption_index]
+        seeds = [prototype_seed(seed, index) for index in range(len(prototypes))]
+        with self.progress_bar(total=len(prototypes)) as bar:
+            images = synthesize(
+                self.unclip_pipeline(),
+                prototypes.image_prototypes,
+                prompts,
+                seeds,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                noise_level=noise_level,
+                negative_prompt=negative_prompt,
+                output_size=output_size,
+                batch_size=batch_size,
+                progress=bar,
+            )
+        logger.info("Generated %d images in %.1f s.", len(images), time.perf_counter() - started)
+        self.maybe_free_model_hooks()
+
+        # 5. The distilled set.
+        distilled = build_distilled_dataset(images, prototypes, embeddings.captions)
+        if not return_dict:
+            return distilled, prototypes
+        settings = {
+            "budget": budget,
+            "prune_ratio": prune_ratio,
+            "normalize": normalize,
+            "seed": seed,
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "noise_level": noise_level,
+            "negative_prompt": negative_prompt,
+            "output_size": output_size,
+            "source_images": len(embeddings.image_embeds),
+            "source_captions": len(embeddings.text_embeds),
+            "skipped_rows": len(table.skipped_rows),
+        }
+        return PDSPipelineOutput(dataset=distilled, prototypes=prototypes, settings=settings)
+
+
+def matching_clip_model(vision_config) -> str:
+    """The CLIP model whose text tower matches an unCLIP image encoder, from its config."""
+    key = (vision_config.hidden_size, vision_config.projection_dim, vision_config.patch_size)
+    if key not in KNOWN_CLIP_MODELS:
+        raise ValueError(
+            "This checkpoint has no CLIP text tower and its image encoder "
+            f"(hidden_size={key[0]}, projection_dim={key[1]}, patch_size={key[2]}) is not one hf-pds knows: "
+            "pass clip_model_name_or_path=<the CLIP model of the image encoder>."
+        )
+    return KNOWN_CLIP_MODELS[key]

@@ -1,0 +1,284 @@
+"""Steps 2-6 of PDS on plain arrays: prune pairs, cluster each modality, match clusters, build prototypes.
+
+Nothing here touches a model or torch. The unit of the method is the *pair* (image, caption): an image
+with five captions makes five pairs, each carrying the image's embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# The reference settings of scikit-learn's MiniBatchKMeans (PDS and LoRS code).
+KMEANS_BATCH_SIZE = 10_000
+KMEANS_N_INIT = 20
+
+
+@dataclass
+class Prototypes:
+    """Matched image/text prototypes, sorted by ``similarity`` (descending).
+
+    Attributes:
+        image_prototypes: ``[M, d_image]`` mean raw image embedding of each matched cluster pair.
+        text_prototypes: ``[M, d_text]`` mean raw text embedding of the same pairs.
+        caption_index: ``[M]`` row into ``text_embeds`` of the training caption closest (cosine) to each
+            text prototype.
+        image_cluster: ``[M]`` image k-means cluster of each prototype.
+        text_cluster: ``[M]`` text k-means cluster matched to it.
+        support: ``[M]`` number of kept pairs in both clusters (0 when the prototype fell back to the
+            k-means centres).
+        similarity: ``[M]`` cosine between image and text prototype.
+        n_pairs: pairs before pruning.
+        n_pruned: pairs dropped by pruning.
+    """
+
+    image_prototypes: np.ndarray
+    text_prototypes: np.ndarray
+    caption_index: np.ndarray
+    image_cluster: np.ndarray
+    text_cluster: np.ndarray
+    support: np.ndarray
+    similarity: np.ndarray
+    n_pairs: int = 0
+    n_pruned: int = 0
+    settings: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.caption_index)
+
+
+def pairs_after_pruning(n_pairs: int, prune_ratio: float) -> int:
+    """How many pairs survive pruning: the reference drops ``int(n_pairs * prune_ratio)``."""
+    return n_pairs - int(n_pairs * prune_ratio)
+
+
+def check_budget(budget: int, n_pairs: int, prune_ratio: float, n_images: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``budget`` prototypes can be drawn from ``n_pairs`` pairs of ``n_images``."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+        raise ValueError(f"budget must be an integer, got {budget!r}.")
+    if budget < 1:
+        raise ValueError(f"budget must be at least 1, got {budget}.")
+    if not 0.0 <= prune_ratio < 1.0:
+        raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}.")
+    kept = pairs_after_pruning(n_pairs, prune_ratio)
+    if budget > kept:
+        raise ValueError(
+            f"budget={budget} is larger than the {kept} pairs left after pruning "
+            f"{n_pairs - kept} of {n_pairs} pairs (prune_ratio={prune_ratio}); "
+            "lower the budget or the prune_ratio."
+        )
+    if n_images is not None and budget > n_images:
+        raise ValueError(
+            f"budget={budget} is larger than the {n_images} distinct images; "
+            "k-means cannot make more image clusters than there are images."
+        )
+
+
+def _check_embeddings(name: str, embeds: np.ndarray) -> np.ndarray:
+    embeds = np.asarray(embeds)
+    if embeds.ndim != 2:
+        raise ValueError(f"{name} must be a 2-d array [rows, dim], got shape {embeds.shape}.")
+    if embeds.shape[0] == 0:
+        raise ValueError(f"{name} is empty.")
+    if not np.issubdtype(embeds.dtype, np.number):
+        raise ValueError(f"{name} must be numeric, got dtype {embeds.dtype}.")
+    finite = np.isfinite(embeds).all(axis=1)
+    if not finite.all():
+        rows = np.flatnonzero(~finite)
+        raise ValueError(f"{name} has NaN or inf values in {len(rows)} row(s), first rows: {rows[:5].tolist()}.")
+    return embeds.astype(np.float32, copy=False)
+
+
+def _l2_normalize(embeds: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(embeds, axis=1, keepdims=True)
+    return embeds / np.maximum(norms, np.finfo(np.float32).tiny)
+
+
+def pair_cosine(image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two ``[n, d]`` arrays."""
+    return np.einsum("nd,nd->n", _l2_normalize(image_embeds), _l2_normalize(text_embeds))
+
+
+def prune_pairs(cosine: np.ndarray, prune_ratio: float) -> np.ndarray:
+    """Indices (ascending) of the pairs kept after dropping the ``prune_ratio`` lowest-cosine pairs.
+
+    Ties are broken by position, so the result is deterministic.
+    """
+    n_drop = int(len(cosine) * prune_ratio)
+    order = np.argsort(cosine, kind="stable")
+    return np.sort(order[n_drop:])
+
+
+def kmeans(
+    points: np.ndarray, n_clusters: int, seed: int, sample_weight: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster ``points`` with the reference MiniBatchKMeans settings; returns (labels, centres)."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    model = MiniBatchKMeans(
+        n_clusters=n_clusters,
+        batch_size=KMEANS_BATCH_SIZE,
+        n_init=KMEANS_N_INIT,
+        random_state=seed,
+    )
+    labels = model.fit_predict(points, sample_weight=sample_weight)
+    return labels.astype(np.int64), model.cluster_centers_.astype(np.float32)
+
+
+def count_table(image_labels: np.ndarray, text_labels: np.ndarray, n_clusters: int) -> np.ndarray:
+    """``C[i, j]`` = number of pairs in image cluster ``i`` and text cluster ``j``."""
+    table = np.zeros((n_clusters, n_clusters), dtype=np.int64)
+    np.add.at(table, (image_labels, text_labels), 1)
+    return table
+
+
+def match_clusters(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The one-to-one matching of image to text clusters with the largest total overlap."""
+    from scipy.optimize import linear_sum_assignment
+
+    return linear_sum_assignment(-table)
+
+
+def cluster_means(points: np.ndarray, labels: np.ndarray, n_clusters: int, fallback: np.ndarray) -> np.ndarray:
+    """Mean of ``points`` per label; a label with no member takes its row of ``fallback``."""
+    sums = np.zeros((n_clusters, points.shape[1]), dtype=np.float64)
+    np.add.at(sums, labels, points)
+    counts = np.bincount(labels, minlength=n_clusters)
+    means = fallback.astype(np.float64, copy=True)
+    filled = counts > 0
+    means[filled] = sums[filled] / counts[filled, None]
+    return means.astype(np.float32)
+
+
+def nearest_by_cosine(queries: np.ndarray, candidates: np.ndarray, chunk_size: int = 65_536) -> np.ndarray:
+    """For each query row, the index of the candidate row with the highest cosine similarity."""
+    queries = _l2_normalize(queries)
+    best_index = np.zeros(len(queries), dtype=np.int64)
+    best_score = np.full(len(queries), -np.inf, dtype=np.float32)
+    for start in range(0, len(candidates), chunk_size):
+        scores = queries @ _l2_normalize(candidates[start : start + chunk_size]).T
+        chunk_best = scores.argmax(axis=1)
+        chunk_score = scores[np.arange(len(queries)), chunk_best]
+        better = chunk_score > best_score
+        best_index[better] = chunk_best[better] + start
+        best_score[better] = chunk_score[better]
+    return best_index
+
+
+def extract_prototypes(
+    image_embeds: np.ndarray,
+    text_embeds: np.ndarray,
+    caption_image: np.ndarray,
+    budget: int,
+    prune_ratio: float = 0.2,
+    normalize: bool = False,
+    seed: int = 42,
+) -> Prototypes:
+    """Extract ``budget`` matched image/text prototypes (PDS steps 2-6).
+
+    Args:
+        image_embeds: ``[n_images, d]`` raw CLIP image embeddings, one row per distinct image.
+        text_embeds: ``[n_captions, d]`` raw CLIP text embeddings, one row per caption (= per pair).
+        caption_image: ``[n_captions]`` row of ``image_embeds`` that each caption describes.
+        budget: number of prototypes K (the k-means K of both modalities).
+        prune_ratio: fraction of pairs with the lowest image-text cosine dropped before clustering.
+        normalize: cluster L2-normalised embeddings (prototypes stay means of raw embeddings).
+        seed: ``random_state`` of both k-means runs.
+
+    Returns:
+        :class:`Prototypes` sorted by image-text cosine, highest first.
+
+    Each pair counts once: an image is clustered with a sample weight equal to the number of its kept
+    captions, which is the pair-level k-means objective of the reference (which repeats the image row
+    per caption) without materialising the repeated rows.
+    """
+    # 1. Check inputs.
+    image_embeds = _check_embeddings("image_embeds", image_embeds)
+    text_embeds = _check_embeddings("text_embeds", text_embeds)
+    caption_image = np.asarray(caption_image)
+    if caption_image.ndim != 1 or len(caption_image) != len(text_embeds):
+        raise ValueError(
+            f"caption_image must have one entry per row of text_embeds ({len(text_embeds)}), "
+            f"got shape {caption_image.shape}."
+        )
+    if not np.issubdtype(caption_image.dtype, np.integer):
+        raise ValueError(f"caption_image must hold integer row indices, got dtype {caption_image.dtype}.")
+    out_of_range = (caption_image < 0) | (caption_image >= len(image_embeds))
+    if out_of_range.any():
+        row = int(np.flatnonzero(out_of_range)[0])
+        raise ValueError(
+            f"caption_image[{row}] = {int(caption_image[row])} is not a row of image_embeds "
+            f"(valid: 0..{len(image_embeds) - 1}); {int(out_of_range.sum())} entries are out of range."
+        )
+    if image_embeds.shape[1] != text_embeds.shape[1]:
+        raise ValueError(
+            f"image_embeds and text_embeds must share one embedding space, got widths "
+            f"{image_embeds.shape[1]} and {text_embeds.shape[1]}."
+        )
+    n_pairs = len(text_embeds)
+    check_budget(budget, n_pairs, prune_ratio, n_images=len(np.unique(caption_image)))
+
+    # 2. Prune the least similar pairs.
+    kept = prune_pairs(pair_cosine(image_embeds[caption_image], text_embeds), prune_ratio)
+    kept_images = caption_image[kept]
+    distinct_images, image_of_pair, pairs_per_image = np.unique(kept_images, return_inverse=True, return_counts=True)
+    if budget > len(distinct_images):
+        raise ValueError(
+            f"budget={budget} is larger than the {len(distinct_images)} distinct images left after pruning; "
+            "k-means cannot make more image clusters than there are images: lower the budget or the prune_ratio."
+        )
+
+    # 3. Cluster each modality.
+    raw_images = image_embeds[distinct_images]
+    raw_texts = text_embeds[kept]
+    image_points = _l2_normalize(raw_images) if normalize else raw_images
+    text_points = _l2_normalize(raw_texts) if normalize else raw_texts
+    image_labels, image_centres = kmeans(image_points, budget, seed, sample_weight=pairs_per_image)
+    text_labels, text_centres = kmeans(text_points, budget, seed)
+    pair_image_labels = image_labels[image_of_pair]
+    pair_raw_images = raw_images[image_of_pair]
+    if normalize:
+        # Centres of normalised points are not in the raw space: use raw member means instead.
+        image_centres = cluster_means(pair_raw_images, pair_image_labels, budget, image_centres)
+        text_centres = cluster_means(raw_texts, text_labels, budget, text_centres)
+
+    # 4. Match image clusters to text clusters by overlap.
+    table = count_table(pair_image_labels, text_labels, budget)
+    image_cluster, text_cluster = match_clusters(table)
+
+    # 5. Prototypes: raw means over the pairs in both clusters, or the k-means centres when none are.
+    matched_cell = np.full((budget, budget), -1, dtype=np.int64)
+    matched_cell[image_cluster, text_cluster] = np.arange(budget)
+    prototype_of_pair = matched_cell[pair_image_labels, text_labels]
+    in_prototype = prototype_of_pair >= 0
+    image_prototypes = cluster_means(
+        pair_raw_images[in_prototype], prototype_of_pair[in_prototype], budget, image_centres[image_cluster]
+    )
+    text_prototypes = cluster_means(
+        raw_texts[in_prototype], prototype_of_pair[in_prototype], budget, text_centres[text_cluster]
+    )
+    support = table[image_cluster, text_cluster]
+    similarity = pair_cosine(image_prototypes, text_prototypes)
+    order = np.argsort(-similarity, kind="stable")
+
+    # 6. Caption of each text prototype: the closest training caption (all captions, pruned or not).
+    caption_index = nearest_by_cosine(text_prototypes[order], text_embeds)
+
+    return Prototypes(
+        image_prototypes=image_prototypes[order],
+        text_prototypes=text_prototypes[order],
+        caption_index=caption_index,
+        image_cluster=image_cluster[order].astype(np.int64),
+        text_cluster=text_cluster[order].astype(np.int64),
+        support=support[order].astype(np.int64),
+        similarity=similarity[order].astype(np.float32),
+        n_pairs=n_pairs,
+        n_pruned=n_pairs - len(kept),
+        settings={
+            "budget": int(budget),
+            "prune_ratio": float(prune_ratio),
+            "normalize": bool(normalize),
+            "seed": int(seed),
+        },
+    )

@@ -1,0 +1,126 @@
+"""Step 7 of PDS: decode image prototypes into images with unCLIP, in batches, one seed per prototype."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+
+# The paper's generation settings (PDS, Sec. 4 and its reference code).
+DEFAULT_NUM_INFERENCE_STEPS = 100
+DEFAULT_GUIDANCE_SCALE = 5.0
+DEFAULT_NOISE_LEVEL = 10
+DEFAULT_NEGATIVE_PROMPT = "text, watermark"
+DEFAULT_OUTPUT_SIZE = 224
+
+
+def prototype_seed(run_seed: int, index: int) -> int:
+    """The seed of prototype ``index``: a function of the run seed and the index alone.
+
+    So the image of a prototype depends neither on the batch size nor on which other prototypes are
+    generated with it.
+    """
+    return int(np.random.SeedSequence([int(run_seed), int(index)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def check_generation_settings(
+    num_inference_steps: int,
+    guidance_scale: float,
+    noise_level: int,
+    max_noise_level: int,
+    output_size: int | None,
+    batch_size: int,
+) -> None:
+    """Raise ``ValueError`` naming the first unusable generation setting."""
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
+    if not isinstance(noise_level, int) or not 0 <= noise_level < max_noise_level:
+        raise ValueError(
+            f"noise_level must be an integer in [0, {max_noise_level}) (the image noising scheduler's "
+            f"num_train_timesteps), got {noise_level!r}."
+        )
+    if output_size is not None and (not isinstance(output_size, int) or output_size < 1):
+        raise ValueError(f"output_size must be a positive integer or None, got {output_size!r}.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+
+
+def resize(image: PIL.Image.Image, output_size: int | None) -> PIL.Image.Image:
+    """Square ``output_size`` x ``output_size`` with LANCZOS, as the reference; None keeps the size."""
+    if output_size is None or image.size == (output_size, output_size):
+        return image
+    return image.resize((output_size, output_size), PIL.Image.LANCZOS)
+
+
+@torch.no_grad()
+def synthesize(
+    unclip,
+    image_embeds: np.ndarray,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    noise_level: int = DEFAULT_NOISE_LEVEL,
+    negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
+    output_size: int | None = DEFAULT_OUTPUT_SIZE,
+    batch_size: int = 8,
+    batch_invariant: bool | None = None,
+    progress=None,
+) -> list[PIL.Image.Image]:
+    """Generate one image per row of ``image_embeds`` with a ``StableUnCLIPImg2ImgPipeline``.
+
+    Args:
+        unclip: the unCLIP pipeline whose components decode the prototypes.
+        image_embeds: ``[n, d]`` raw image prototypes in the unCLIP image encoder's space.
+        prompts: ``n`` captions, one per prototype.
+        seeds: ``n`` seeds, one per prototype (see :func:`prototype_seed`).
+        num_inference_steps, guidance_scale, noise_level, negative_prompt: passed to unCLIP.
+        output_size: side of the square output images; None keeps the decoder's size.
+        batch_size: prototypes decoded together, unless ``batch_invariant``.
+        batch_invariant: decode one image per call, so that images are bit-identical for any
+            ``batch_size``. Defaults to True on a CPU and False on an accelerator (see below).
+        progress: an object with ``update(n)`` (a tqdm bar), told after each batch.
+
+    Each image gets its own CPU generator, so its noise is the same whatever the batch. The arithmetic
+    is another matter: batched kernels (oneDNN convolutions, small-batch GEMMs, cuBLAS) round differently
+    for different batch shapes, which can move a pixel by one level. On a CPU, where batching gains
+    little, images are therefore decoded one per call by default and are bit-identical for any
+    ``batch_size``; on an accelerator a given ``batch_size`` always gives the same images, and another one
+    may differ by one level in a few pixels.
+    """
+    if not (len(image_embeds) == len(prompts) == len(seeds)):
+        raise ValueError(
+            f"image_embeds, prompts and seeds must have one entry per prototype, got "
+            f"{len(image_embeds)}, {len(prompts)} and {len(seeds)}."
+        )
+    device = unclip._execution_device
+    dtype = unclip.unet.dtype
+    if batch_invariant is None:
+        batch_invariant = device.type == "cpu"
+    images_per_call = 1 if batch_invariant else batch_size
+    images = []
+    for start in range(0, len(prompts), images_per_call):
+        stop = min(start + images_per_call, len(prompts))
+        # unCLIP neither moves nor casts image_embeds; the batch size comes from the list of prompts.
+        embeds = torch.as_tensor(np.asarray(image_embeds[start:stop]), dtype=dtype, device=device)
+        # One CPU generator per image: the noise of an image does not depend on its batch or device.
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds[start:stop]]
+        output = unclip(
+            prompt=list(prompts[start:stop]),
+            negative_prompt=None if negative_prompt is None else [negative_prompt] * (stop - start),
+            image_embeds=embeds,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            noise_level=noise_level,
+            generator=generators,
+            output_type="pil",
+        )
+        images.extend(resize(image, output_size) for image in output.images)
+        if progress is not None:
+            progress.update(stop - start)
+    return images

@@ -1,0 +1,244 @@
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from helpers import mixed_dataset
+from hf_pds import PDSPipeline, PDSPipelineOutput, Prototypes
+from hf_pds.distilled import COLUMNS
+from hf_pds.testing import tiny_pds_components, tiny_pds_pipeline
+
+FAST = {"num_inference_steps": 2, "output_size": 40}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pds_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return mixed_dataset(10)
+
+
+@pytest.fixture(scope="module")
+def distilled(pipe, dataset):
+    return pipe(dataset, budget=4, batch_size=4, **FAST)
+
+
+def pixels(dataset):
+    return [np.asarray(image) for image in dataset["image"]]
+
+
+def assert_same_images(first, second):
+    assert len(first) == len(second)
+    for a, b in zip(pixels(first), pixels(second), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_distill_returns_budget_rows_with_the_design_columns(distilled, dataset):
+    assert isinstance(distilled, PDSPipelineOutput)
+    assert isinstance(distilled.prototypes, Prototypes)
+    out = distilled.dataset
+    assert out.num_rows == 4
+    assert tuple(out.column_names) == COLUMNS
+    assert isinstance(out.features["image"], datasets.Image)
+    assert all(image.size == (40, 40) and image.mode == "RGB" for image in out["image"])
+    source_captions = [caption for captions in dataset["caption"] for caption in captions]
+    for row in out:
+        assert row["caption"] == source_captions[row["source_caption_index"]]
+        assert len(row["text_embedding"]) == len(row["image_embedding"]) == 32
+    np.testing.assert_allclose(np.asarray(out["image_embedding"]), distilled.prototypes.image_prototypes)
+    assert list(out["similarity"]) == sorted(out["similarity"], reverse=True)
+    assert sum(out["support"]) <= len(source_captions)
+
+
+def test_same_seed_gives_identical_images_and_prototypes(pipe, dataset, distilled):
+    again = pipe(dataset, budget=4, batch_size=4, **FAST)
+    assert_same_images(distilled.dataset, again.dataset)
+    np.testing.assert_array_equal(distilled.prototypes.image_prototypes, again.prototypes.image_prototypes)
+    other_seed = pipe(dataset, budget=4, batch_size=4, seed=7, **FAST)
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(pixels(distilled.dataset), pixels(other_seed.dataset), strict=True)
+    )
+
+
+def test_images_do_not_depend_on_batch_size(pipe, dataset, distilled):
+    one_by_one = pipe(dataset, budget=4, batch_size=1, **FAST)
+    assert_same_images(distilled.dataset, one_by_one.dataset)
+
+
+def test_image_of_a_prototype_does_not_depend_on_the_others(pipe):
+    """Decoding prototypes 2 and 3 alone gives the images they get among four."""
+    from hf_pds.synthesis import prototype_seed, synthesize
+
+    rng = np.random.default_rng(0)
+    embeds = rng.normal(size=(4, 32)).astype(np.float32)
+    prompts = ["a dog", "a cat", "a bird", "a boat"]
+    seeds = [prototype_seed(42, index) for index in range(4)]
+    settings = {"num_inference_steps": 2, "output_size": None, "batch_size": 4}
+    all_four = synthesize(pipe.unclip_pipeline(), embeds, prompts, seeds, **settings)
+    last_two = synthesize(pipe.unclip_pipeline(), embeds[2:], prompts[2:], seeds[2:], **settings)
+    for a, b in zip(all_four[2:], last_two, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_batched_decoding_matches_one_by_one_up_to_rounding(pipe):
+    """The batched path of accelerators: one generator per image, so only kernel rounding differs."""
+    from hf_pds.synthesis import prototype_seed, synthesize
+
+    rng = np.random.default_rng(1)
+    embeds = rng.normal(size=(5, 32)).astype(np.float32)
+    prompts = ["a dog", "a cat", "a bird", "a boat", "a tree"]
+    seeds = [prototype_seed(0, index) for index in range(5)]
+    settings = {"num_inference_steps": 2, "output_size": None, "negative_prompt": "text, watermark"}
+    batched = synthesize(
+        pipe.unclip_pipeline(), embeds, prompts, seeds, batch_size=3, batch_invariant=False, **settings
+    )
+    single = synthesize(pipe.unclip_pipeline(), embeds, prompts, seeds, batch_size=3, batch_invariant=True, **settings)
+    assert len(batched) == 5
+    for a, b in zip(batched, single, strict=True):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    batched_again = synthesize(
+        pipe.unclip_pipeline(), embeds, prompts, seeds, batch_size=3, batch_invariant=False, **settings
+    )
+    for a, b in zip(batched, batched_again, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_generator_draws_the_run_seed(pipe, dataset):
+    first = pipe(dataset, budget=3, generator=torch.Generator().manual_seed(5), **FAST)
+    second = pipe(dataset, budget=3, generator=torch.Generator().manual_seed(5), **FAST)
+    assert first.settings["seed"] == second.settings["seed"]
+    assert_same_images(first.dataset, second.dataset)
+
+
+def test_save_then_load_dataset_gives_identical_rows(distilled, tmp_path):
+    folder = distilled.save(tmp_path / "distilled")
+    assert sorted(path.name for path in folder.iterdir()) == ["README.md", "data"]
+    loaded = datasets.load_dataset(str(folder), split="train")
+    assert loaded.features == distilled.dataset.features
+    original_bytes = distilled.dataset.cast_column("image", datasets.Image(decode=False))["image"]
+    loaded_bytes = loaded.cast_column("image", datasets.Image(decode=False))["image"]
+    assert [cell["bytes"] for cell in loaded_bytes] == [cell["bytes"] for cell in original_bytes]
+    for name in COLUMNS[1:]:
+        assert list(loaded[name]) == list(distilled.dataset[name]), name
+    card = (folder / "README.md").read_text()
+    assert "configs:" in card and "dataset-distillation" in card and "| `budget` | `4` |" in card
+
+
+def test_save_refuses_to_overwrite_and_leaves_nothing_on_failure(distilled, tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        distilled.save(target)
+    assert list(target.iterdir()) == []
+
+    def broken_write(self, path, **kwargs):
+        Path(path).write_bytes(b"half a parquet file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(datasets.Dataset, "to_parquet", broken_write)
+    with pytest.raises(OSError, match="disk full"):
+        distilled.save(tmp_path / "fresh")
+    with pytest.raises(OSError, match="disk full"):
+        distilled.save(target, overwrite=True)
+    # Nothing half-written: no new folder, no leftover staging folder, the old folder untouched.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+    assert list(target.iterdir()) == []
+
+
+def test_overwrite_replaces_a_saved_folder(distilled, tmp_path):
+    target = tmp_path / "out"
+    distilled.save(target)
+    (target / "stale.txt").write_text("from an older run")
+    distilled.save(target, overwrite=True)
+    assert sorted(path.name for path in target.iterdir()) == ["README.md", "data"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"budget": 0}, ValueError, "budget must be at least 1"),
+        ({"budget": 21}, ValueError, "budget=21 is larger than the 20 pairs left after pruning 5 of 25"),
+        ({"budget": 11}, ValueError, "budget=11 is larger than the 10 distinct images"),
+        ({"budget": 3, "image_column": "picture"}, ValueError, "image_column='picture' is not a column"),
+        ({"budget": 3, "noise_level": 5000}, ValueError, "noise_level must be an integer in"),
+        (
+            {"budget": 3, "dataset": [{"image": None, "caption": "x"}]},
+            TypeError,
+            "must be a datasets.Dataset",
+        ),
+    ],
+)
+def test_bad_inputs_fail_before_any_model_runs(pipe, dataset, kwargs, error, message):
+    calls = []
+    hook = pipe.image_encoder.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        arguments = {"dataset": dataset, **FAST, **kwargs}
+        with pytest.raises(error, match=message):
+            pipe(**arguments)
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+def test_rows_with_missing_captions_raise_or_are_skipped(pipe, dataset):
+    columns = {name: list(dataset[name]) for name in dataset.column_names}
+    columns["caption"][6] = None
+    broken = datasets.Dataset.from_dict(columns, features=dataset.features)
+    with pytest.raises(ValueError, match="Row 6: column 'caption' is None"):
+        pipe(broken, budget=3, **FAST)
+    out = pipe(broken, budget=3, skip_invalid_rows=True, **FAST)
+    assert out.dataset.num_rows == 3 and out.settings["skipped_rows"] == 1
+    assert out.settings["source_images"] == 9
+
+
+def test_save_pretrained_round_trip_gives_identical_outputs(pipe, dataset, distilled, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["_class_name"] == "PDSPipeline"
+    assert index["clip_text_encoder"] == ["transformers", "CLIPTextModelWithProjection"]
+    reloaded = PDSPipeline.from_pretrained(tmp_path / "pipe")
+    reloaded.set_progress_bar_config(disable=True)
+    assert_same_images(distilled.dataset, reloaded(dataset, budget=4, batch_size=4, **FAST).dataset)
+
+
+def test_plain_unclip_checkpoint_gets_its_clip_text_tower(tmp_path, dataset):
+    from diffusers import StableUnCLIPImg2ImgPipeline
+
+    components = tiny_pds_components(seed=0)
+    clip_tokenizer, clip_text_encoder = components.pop("clip_tokenizer"), components.pop("clip_text_encoder")
+    StableUnCLIPImg2ImgPipeline(**components).save_pretrained(tmp_path / "unclip")
+    clip_text_encoder.save_pretrained(tmp_path / "clip")
+    clip_tokenizer.save_pretrained(tmp_path / "clip")
+
+    with pytest.raises(ValueError, match="pass clip_model_name_or_path"):
+        PDSPipeline.from_pretrained(tmp_path / "unclip")
+    loaded = PDSPipeline.from_pretrained(tmp_path / "unclip", clip_model_name_or_path=str(tmp_path / "clip"))
+    torch.testing.assert_close(
+        loaded.clip_text_encoder.text_projection.weight, clip_text_encoder.text_projection.weight
+    )
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded(dataset, budget=2, **FAST).dataset.num_rows == 2
+
+
+def test_mismatched_clip_towers_are_refused():
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    components = tiny_pds_components(seed=0)
+    config = components["clip_text_encoder"].config.to_dict()
+    config["projection_dim"] = 16
+    components["clip_text_encoder"] = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+    with pytest.raises(ValueError, match="projects to 16 dimensions but image_encoder to 32"):
+        PDSPipeline(**components).check_components()
+
+
+def test_cpu_offload_sequence_covers_every_model(pipe):
+    models = {name for name, component in pipe.components.items() if isinstance(component, torch.nn.Module)}
+    offloaded = set(pipe.model_cpu_offload_seq.split("->")) | set(pipe._exclude_from_cpu_offload)
+    assert offloaded == models

@@ -1,0 +1,237 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from hf_pds import Prototypes, extract_prototypes
+from hf_pds.prototypes import count_table, match_clusters, pair_cosine, prune_pairs
+
+DIM = 16
+
+
+def planted_concepts(n_concepts=5, images_per_concept=(6, 9, 7, 8, 10), captions_per_image=3, seed=0, mislabeled=0):
+    """Images and captions of well-separated concepts, rows shuffled.
+
+    Image and text centres of a concept point roughly the same way (a matched pair has a high cosine);
+    ``mislabeled`` extra pairs give an image a caption of another concept (a low cosine).
+    """
+    rng = np.random.default_rng(seed)
+    image_centres = rng.normal(size=(n_concepts, DIM)) * 10
+    text_centres = image_centres + rng.normal(size=(n_concepts, DIM))
+    image_concept = np.repeat(np.arange(n_concepts), images_per_concept[:n_concepts])
+    rng.shuffle(image_concept)
+    image_embeds = image_centres[image_concept] + rng.normal(scale=0.3, size=(len(image_concept), DIM))
+    caption_image = np.repeat(np.arange(len(image_concept)), captions_per_image)
+    caption_concept = image_concept[caption_image].copy()
+    wrong = rng.choice(len(caption_image), size=mislabeled, replace=False)
+    caption_concept[wrong] = (caption_concept[wrong] + 1 + rng.integers(n_concepts - 1, size=mislabeled)) % n_concepts
+    order = rng.permutation(len(caption_image))
+    caption_image, caption_concept = caption_image[order], caption_concept[order]
+    text_embeds = text_centres[caption_concept] + rng.normal(scale=0.3, size=(len(caption_image), DIM))
+    return {
+        "image_embeds": image_embeds.astype(np.float32),
+        "text_embeds": text_embeds.astype(np.float32),
+        "caption_image": caption_image,
+        "image_concept": image_concept,
+        "caption_concept": caption_concept,
+        "mislabeled": np.isin(np.arange(len(order)), np.flatnonzero(np.isin(order, wrong))),
+    }
+
+
+def concept_of_prototypes(data, protos):
+    """The planted concept behind each prototype, found from its image prototype."""
+    centres = np.stack(
+        [data["image_embeds"][data["image_concept"] == c].mean(0) for c in range(data["image_concept"].max() + 1)]
+    )
+    return np.linalg.norm(protos.image_prototypes[:, None] - centres[None], axis=2).argmin(1)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_planted_concepts_are_recovered_exactly(normalize):
+    data = planted_concepts()
+    protos = extract_prototypes(
+        data["image_embeds"],
+        data["text_embeds"],
+        data["caption_image"],
+        budget=5,
+        prune_ratio=0.0,
+        normalize=normalize,
+    )
+    assert isinstance(protos, Prototypes) and len(protos) == 5
+    concepts = concept_of_prototypes(data, protos)
+    assert sorted(concepts) == [0, 1, 2, 3, 4]
+    pair_concept = data["image_concept"][data["caption_image"]]
+    for k, concept in enumerate(concepts):
+        in_concept = pair_concept == concept
+        # Support is every pair of the concept, and the prototypes are exactly their raw means.
+        assert protos.support[k] == in_concept.sum()
+        np.testing.assert_allclose(
+            protos.image_prototypes[k],
+            data["image_embeds"][data["caption_image"][in_concept]].mean(0),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+        np.testing.assert_allclose(
+            protos.text_prototypes[k], data["text_embeds"][in_concept].mean(0), rtol=1e-5, atol=1e-5
+        )
+        # The retrieved caption describes the same concept.
+        assert data["caption_concept"][protos.caption_index[k]] == concept
+    # The text cluster matched to each image cluster holds that concept's captions (ids differ per modality).
+    assert len(set(protos.image_cluster)) == len(set(protos.text_cluster)) == 5
+
+
+def test_pruning_drops_mislabeled_pairs_before_clustering():
+    data = planted_concepts(mislabeled=12)
+    n_pairs = len(data["caption_image"])
+    prune_ratio = 12 / n_pairs + 1e-9
+    protos = extract_prototypes(
+        data["image_embeds"], data["text_embeds"], data["caption_image"], budget=5, prune_ratio=prune_ratio
+    )
+    assert protos.n_pruned == 12 and protos.n_pairs == n_pairs
+    concepts = concept_of_prototypes(data, protos)
+    pair_concept = data["image_concept"][data["caption_image"]]
+    clean = ~data["mislabeled"]
+    for k, concept in enumerate(concepts):
+        # Exactly the clean pairs of the concept: the 12 mislabeled ones were pruned.
+        assert protos.support[k] == (clean & (pair_concept == concept)).sum()
+        np.testing.assert_allclose(
+            protos.text_prototypes[k],
+            data["text_embeds"][clean & (pair_concept == concept)].mean(0),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_prune_pairs_removes_lowest_cosine_first():
+    cosine = np.array([0.9, -0.2, 0.5, 0.1, 0.7, 0.1, 0.3, 0.8, 0.0, 0.6])
+    assert prune_pairs(cosine, 0.0).tolist() == list(range(10))
+    assert prune_pairs(cosine, 0.2).tolist() == [0, 2, 3, 4, 5, 6, 7, 9]
+    # int(10 * 0.35) = 3 pairs dropped: -0.2, 0.0 and the first of the tied 0.1s.
+    assert prune_pairs(cosine, 0.35).tolist() == [0, 2, 4, 5, 6, 7, 9]
+
+
+def test_pair_cosine_is_scale_invariant():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(4, 8)), rng.normal(size=(4, 8))
+    expected = [x @ y / np.linalg.norm(x) / np.linalg.norm(y) for x, y in zip(a, b, strict=True)]
+    np.testing.assert_allclose(pair_cosine(a * 7.0, b * 0.1), expected, rtol=1e-6)
+
+
+def test_matching_maximises_total_overlap():
+    table = np.array(
+        [
+            [5, 9, 0, 1],
+            [8, 7, 2, 0],
+            [0, 3, 6, 4],
+            [1, 0, 5, 2],
+        ]
+    )
+    rows, cols = match_clusters(table)
+    best = max(sum(table[i, p[i]] for i in range(4)) for p in itertools.permutations(range(4)))
+    assert table[rows, cols].sum() == best == 9 + 8 + 4 + 5
+    assert sorted(rows) == sorted(cols) == [0, 1, 2, 3]
+
+
+def test_count_table_counts_pairs():
+    table = count_table(np.array([0, 0, 1, 2, 2, 2]), np.array([1, 1, 0, 2, 0, 2]), 3)
+    assert table.tolist() == [[0, 2, 0], [1, 0, 0], [1, 0, 2]]
+
+
+def empty_intersection_data():
+    """Three images (A, B, C) with two captions each; the captions of A and B share one text cluster X,
+    C's two captions are alone in clusters Y and Z. Whatever the matching, A or B gets a text cluster it
+    shares no pair with."""
+    axes = np.eye(DIM, dtype=np.float32) * 10
+    image_embeds = axes[[0, 1, 2]]
+    text_embeds = np.stack([axes[3], axes[3] + 0.01, axes[3] + 0.02, axes[3] + 0.03, axes[4], axes[5]])
+    caption_image = np.array([0, 0, 1, 1, 2, 2])
+    return image_embeds, text_embeds, caption_image
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_empty_intersection_falls_back_to_cluster_centres(normalize):
+    image_embeds, text_embeds, caption_image = empty_intersection_data()
+    protos = extract_prototypes(
+        image_embeds, text_embeds, caption_image, budget=3, prune_ratio=0.0, normalize=normalize
+    )
+    assert np.isfinite(protos.image_prototypes).all() and np.isfinite(protos.text_prototypes).all()
+    assert np.isfinite(protos.similarity).all()
+    assert sorted(protos.support.tolist()) == [0, 1, 2]
+    empty = int(np.flatnonzero(protos.support == 0)[0])
+    # The empty prototype is its image cluster's centre (a single image) and its text cluster's centre.
+    assert any(np.allclose(protos.image_prototypes[empty], row, atol=1e-4) for row in image_embeds[:2])
+    assert any(np.allclose(protos.text_prototypes[empty], row, atol=1e-4) for row in text_embeds[4:])
+
+
+def test_prototypes_are_sorted_by_similarity():
+    data = planted_concepts(seed=3)
+    protos = extract_prototypes(data["image_embeds"], data["text_embeds"], data["caption_image"], budget=5)
+    assert np.all(np.diff(protos.similarity) <= 0)
+    np.testing.assert_allclose(
+        protos.similarity, pair_cosine(protos.image_prototypes, protos.text_prototypes), rtol=1e-5
+    )
+
+
+def test_same_seed_same_prototypes():
+    data = planted_concepts(n_concepts=5, seed=4, mislabeled=5)
+    args = (data["image_embeds"], data["text_embeds"], data["caption_image"])
+    first = extract_prototypes(*args, budget=12, seed=7)
+    second = extract_prototypes(*args, budget=12, seed=7)
+    for name in (
+        "image_prototypes",
+        "text_prototypes",
+        "caption_index",
+        "image_cluster",
+        "text_cluster",
+        "support",
+    ):
+        np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.update(budget=0), "budget must be at least 1"),
+        (lambda d: d.update(budget=2.5), "budget must be an integer"),
+        (lambda d: d.update(budget=97), "budget=97 is larger than the 96 pairs left after pruning 24 of 120"),
+        (lambda d: d.update(text_embeds=d["text_embeds"][:, :8]), "widths 16 and 8"),
+        (lambda d: d.update(caption_image=d["caption_image"][:-1]), "one entry per row of text_embeds"),
+        (lambda d: d["caption_image"].__setitem__(3, 40), r"caption_image\[3\] = 40 is not a row"),
+        (lambda d: d["caption_image"].__setitem__(5, -1), r"caption_image\[5\] = -1"),
+        (
+            lambda d: d["image_embeds"].__setitem__((2, 4), np.nan),
+            "image_embeds has NaN or inf values in 1 row",
+        ),
+        (lambda d: d["text_embeds"].__setitem__((9, 0), np.inf), r"first rows: \[9\]"),
+        (lambda d: d.update(image_embeds=d["image_embeds"][0]), "must be a 2-d array"),
+        (lambda d: d.update(prune_ratio=1.0), "prune_ratio must be in"),
+    ],
+)
+def test_bad_inputs_raise_value_error(change, message):
+    data = planted_concepts()
+    kwargs = {
+        "image_embeds": data["image_embeds"],
+        "text_embeds": data["text_embeds"],
+        "caption_image": data["caption_image"],
+        "budget": 5,
+        "prune_ratio": 0.2,
+    }
+    change(kwargs)
+    with pytest.raises(ValueError, match=message):
+        extract_prototypes(**kwargs)
+
+
+def test_budget_above_distinct_images_is_refused():
+    # 3 images with many captions: 30 pairs, but k-means cannot make 4 image clusters from 3 images.
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="budget=4 is larger than the 3 distinct images"):
+        extract_prototypes(rng.normal(size=(3, 8)), rng.normal(size=(30, 8)), np.repeat(np.arange(3), 10), budget=4)
+
+
+def test_budget_above_images_left_after_pruning_is_refused():
+    # 4 images; the two captions of image 3 are its only pairs and both have the lowest cosine.
+    image_embeds = np.eye(4, 8, dtype=np.float32)
+    text_embeds = np.concatenate([np.repeat(image_embeds[:3], 4, axis=0), -image_embeds[[3, 3]]])
+    caption_image = np.array([0] * 4 + [1] * 4 + [2] * 4 + [3, 3])
+    with pytest.raises(ValueError, match="budget=4 is larger than the 3 distinct images left after pruning"):
+        extract_prototypes(image_embeds, text_embeds, caption_image, budget=4, prune_ratio=0.15)
