@@ -242,3 +242,23 @@ def test_cpu_offload_sequence_covers_every_model(pipe):
     models = {name for name, component in pipe.components.items() if isinstance(component, torch.nn.Module)}
     offloaded = set(pipe.model_cpu_offload_seq.split("->")) | set(pipe._exclude_from_cpu_offload)
     assert offloaded == models
+
+
+def test_the_checkpoints_clip_model_is_found_from_the_image_encoder_config():
+    from transformers import CLIPVisionConfig
+
+    from hf_pds.pipeline_pds import matching_clip_model
+
+    vit_l14 = CLIPVisionConfig(hidden_size=1024, num_attention_heads=16, projection_dim=768, patch_size=14)
+    vit_h14 = CLIPVisionConfig(hidden_size=1280, num_attention_heads=16, projection_dim=1024, patch_size=14)
+    assert matching_clip_model(vit_l14) == "openai/clip-vit-large-patch14"
+    assert matching_clip_model(vit_h14) == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+
+def test_importing_the_package_and_the_prototype_engine_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, hf_pds; from hf_pds import extract_prototypes; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -235,3 +235,35 @@ def test_budget_above_images_left_after_pruning_is_refused():
     caption_image = np.array([0] * 4 + [1] * 4 + [2] * 4 + [3, 3])
     with pytest.raises(ValueError, match="budget=4 is larger than the 3 distinct images left after pruning"):
         extract_prototypes(image_embeds, text_embeds, caption_image, budget=4, prune_ratio=0.15)
+
+
+def test_k_means_clusters_pairs_with_the_image_repeated_per_caption(monkeypatch):
+    import hf_pds.prototypes as module
+
+    seen = []
+    real_kmeans = module.kmeans
+    monkeypatch.setattr(
+        module, "kmeans", lambda points, *args: seen.append(points.copy()) or real_kmeans(points, *args)
+    )
+    data = planted_concepts(captions_per_image=2)
+    extract_prototypes(data["image_embeds"], data["text_embeds"], data["caption_image"], budget=5, prune_ratio=0.0)
+    image_points, text_points = seen
+    np.testing.assert_array_equal(image_points, data["image_embeds"][data["caption_image"]])
+    np.testing.assert_array_equal(text_points, data["text_embeds"])
+
+
+def test_prototypes_average_over_pairs_not_images():
+    # Concept images with 1 to 5 captions: the image prototype weighs each image by its caption count.
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(2, DIM)) * 10
+    image_embeds = np.concatenate([centres[0] + rng.normal(size=(4, DIM)), centres[1] + rng.normal(size=(4, DIM))])
+    counts = np.array([1, 2, 3, 5, 5, 3, 2, 1])
+    caption_image = np.repeat(np.arange(8), counts)
+    text_embeds = centres[caption_image // 4] + rng.normal(scale=0.1, size=(len(caption_image), DIM))
+    protos = extract_prototypes(image_embeds, text_embeds, caption_image, budget=2, prune_ratio=0.0)
+    for k in range(2):
+        concept = int(np.argmin(np.linalg.norm(centres - protos.image_prototypes[k], axis=1)))
+        members = np.arange(4 * concept, 4 * concept + 4)
+        expected = np.average(image_embeds[members], axis=0, weights=counts[members])
+        np.testing.assert_allclose(protos.image_prototypes[k], expected, rtol=1e-5, atol=1e-5)
+        assert protos.support[k] == counts[members].sum() == 11

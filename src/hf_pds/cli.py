@@ -117,7 +117,9 @@ def _distill(args: argparse.Namespace) -> Path:
         from .testing import tiny_pds_pipeline
 
         print("Using the tiny pipeline with random weights: the images show the mechanics, not quality.")
-        pipeline = tiny_pds_pipeline().to(dtype=dtype)
+        pipeline = tiny_pds_pipeline()
+        if dtype != torch.float32:
+            pipeline = pipeline.to(dtype=dtype)
     else:
         pipeline = PDSPipeline.from_pretrained(
             args.pipeline or DEFAULT_CHECKPOINT, clip_model_name_or_path=args.clip_model, dtype=dtype

@@ -110,9 +110,7 @@ def prune_pairs(cosine: np.ndarray, prune_ratio: float) -> np.ndarray:
     return np.sort(order[n_drop:])
 
 
-def kmeans(
-    points: np.ndarray, n_clusters: int, seed: int, sample_weight: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def kmeans(points: np.ndarray, n_clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Cluster ``points`` with the reference MiniBatchKMeans settings; returns (labels, centres)."""
     from sklearn.cluster import MiniBatchKMeans
 
@@ -122,7 +120,7 @@ def kmeans(
         n_init=KMEANS_N_INIT,
         random_state=seed,
     )
-    labels = model.fit_predict(points, sample_weight=sample_weight)
+    labels = model.fit_predict(points)
     return labels.astype(np.int64), model.cluster_centers_.astype(np.float32)
 
 
@@ -189,9 +187,8 @@ def extract_prototypes(
     Returns:
         :class:`Prototypes` sorted by image-text cosine, highest first.
 
-    Each pair counts once: an image is clustered with a sample weight equal to the number of its kept
-    captions, which is the pair-level k-means objective of the reference (which repeats the image row
-    per caption) without materialising the repeated rows.
+    The unit is the pair: an image with five kept captions is clustered as five rows, as in the
+    reference, so that it weighs as much as its captions do.
     """
     # 1. Check inputs.
     image_embeds = _check_embeddings("image_embeds", image_embeds)
@@ -219,41 +216,36 @@ def extract_prototypes(
     n_pairs = len(text_embeds)
     check_budget(budget, n_pairs, prune_ratio, n_images=len(np.unique(caption_image)))
 
-    # 2. Prune the least similar pairs.
-    kept = prune_pairs(pair_cosine(image_embeds[caption_image], text_embeds), prune_ratio)
-    kept_images = caption_image[kept]
-    distinct_images, image_of_pair, pairs_per_image = np.unique(kept_images, return_inverse=True, return_counts=True)
-    if budget > len(distinct_images):
+    # 2. Prune the least similar pairs. A pair carries its image's embedding, as in the reference.
+    pair_images = image_embeds[caption_image]
+    kept = prune_pairs(pair_cosine(pair_images, text_embeds), prune_ratio)
+    n_distinct_images = len(np.unique(caption_image[kept]))
+    if budget > n_distinct_images:
         raise ValueError(
-            f"budget={budget} is larger than the {len(distinct_images)} distinct images left after pruning; "
+            f"budget={budget} is larger than the {n_distinct_images} distinct images left after pruning; "
             "k-means cannot make more image clusters than there are images: lower the budget or the prune_ratio."
         )
 
-    # 3. Cluster each modality.
-    raw_images = image_embeds[distinct_images]
-    raw_texts = text_embeds[kept]
-    image_points = _l2_normalize(raw_images) if normalize else raw_images
-    text_points = _l2_normalize(raw_texts) if normalize else raw_texts
-    image_labels, image_centres = kmeans(image_points, budget, seed, sample_weight=pairs_per_image)
-    text_labels, text_centres = kmeans(text_points, budget, seed)
-    pair_image_labels = image_labels[image_of_pair]
-    pair_raw_images = raw_images[image_of_pair]
+    # 3. Cluster each modality over the kept pairs.
+    raw_images, raw_texts = pair_images[kept], text_embeds[kept]
+    image_labels, image_centres = kmeans(_l2_normalize(raw_images) if normalize else raw_images, budget, seed)
+    text_labels, text_centres = kmeans(_l2_normalize(raw_texts) if normalize else raw_texts, budget, seed)
     if normalize:
         # Centres of normalised points are not in the raw space: use raw member means instead.
-        image_centres = cluster_means(pair_raw_images, pair_image_labels, budget, image_centres)
+        image_centres = cluster_means(raw_images, image_labels, budget, image_centres)
         text_centres = cluster_means(raw_texts, text_labels, budget, text_centres)
 
     # 4. Match image clusters to text clusters by overlap.
-    table = count_table(pair_image_labels, text_labels, budget)
+    table = count_table(image_labels, text_labels, budget)
     image_cluster, text_cluster = match_clusters(table)
 
     # 5. Prototypes: raw means over the pairs in both clusters, or the k-means centres when none are.
     matched_cell = np.full((budget, budget), -1, dtype=np.int64)
     matched_cell[image_cluster, text_cluster] = np.arange(budget)
-    prototype_of_pair = matched_cell[pair_image_labels, text_labels]
+    prototype_of_pair = matched_cell[image_labels, text_labels]
     in_prototype = prototype_of_pair >= 0
     image_prototypes = cluster_means(
-        pair_raw_images[in_prototype], prototype_of_pair[in_prototype], budget, image_centres[image_cluster]
+        raw_images[in_prototype], prototype_of_pair[in_prototype], budget, image_centres[image_cluster]
     )
     text_prototypes = cluster_means(
         raw_texts[in_prototype], prototype_of_pair[in_prototype], budget, text_centres[text_cluster]
