@@ -4,20 +4,25 @@ import numpy as np
 import pytest
 
 from hf_pds import Prototypes, extract_prototypes
-from hf_pds.prototypes import count_table, match_clusters, pair_cosine, prune_pairs
+from hf_pds.prototypes import count_table, kmeans, match_clusters, pair_cosine, prune_pairs
 
 DIM = 16
 
 
-def planted_concepts(n_concepts=5, images_per_concept=(6, 9, 7, 8, 10), captions_per_image=3, seed=0, mislabeled=0):
+def planted_concepts(
+    n_concepts=5, images_per_concept=(6, 9, 7, 8, 10), captions_per_image=3, seed=0, mislabeled=0, aligned=True
+):
     """Images and captions of well-separated concepts, rows shuffled.
 
     Image and text centres of a concept point roughly the same way (a matched pair has a high cosine);
-    ``mislabeled`` extra pairs give an image a caption of another concept (a low cosine).
+    ``mislabeled`` extra pairs give an image a caption of another concept (a low cosine). With
+    ``aligned=False`` the text centres are drawn independently of the image centres.
     """
     rng = np.random.default_rng(seed)
     image_centres = rng.normal(size=(n_concepts, DIM)) * 10
     text_centres = image_centres + rng.normal(size=(n_concepts, DIM))
+    if not aligned:
+        text_centres = rng.normal(size=(n_concepts, DIM)) * 10
     image_concept = np.repeat(np.arange(n_concepts), images_per_concept[:n_concepts])
     rng.shuffle(image_concept)
     image_embeds = image_centres[image_concept] + rng.normal(scale=0.3, size=(len(image_concept), DIM))
@@ -78,6 +83,19 @@ def test_planted_concepts_are_recovered_exactly(normalize):
         assert data["caption_concept"][protos.caption_index[k]] == concept
     # The text cluster matched to each image cluster holds that concept's captions (ids differ per modality).
     assert len(set(protos.image_cluster)) == len(set(protos.text_cluster)) == 5
+
+
+def test_caption_is_the_one_closest_to_the_text_prototype():
+    # Text centres unrelated to image centres: the caption must come from the text side.
+    data = planted_concepts(aligned=False, seed=2)
+    protos = extract_prototypes(
+        data["image_embeds"], data["text_embeds"], data["caption_image"], budget=5, prune_ratio=0.0
+    )
+    unit = data["text_embeds"] / np.linalg.norm(data["text_embeds"], axis=1, keepdims=True)
+    for k in range(5):
+        cosine = unit @ (protos.text_prototypes[k] / np.linalg.norm(protos.text_prototypes[k]))
+        assert protos.caption_index[k] == int(np.argmax(cosine))
+    assert sorted(data["caption_concept"][protos.caption_index]) == [0, 1, 2, 3, 4]
 
 
 def test_pruning_drops_mislabeled_pairs_before_clustering():
@@ -152,15 +170,22 @@ def empty_intersection_data():
 def test_empty_intersection_falls_back_to_cluster_centres(normalize):
     image_embeds, text_embeds, caption_image = empty_intersection_data()
     protos = extract_prototypes(
-        image_embeds, text_embeds, caption_image, budget=3, prune_ratio=0.0, normalize=normalize
+        image_embeds, text_embeds, caption_image, budget=3, prune_ratio=0.0, normalize=normalize, seed=42
     )
     assert np.isfinite(protos.image_prototypes).all() and np.isfinite(protos.text_prototypes).all()
     assert np.isfinite(protos.similarity).all()
     assert sorted(protos.support.tolist()) == [0, 1, 2]
     empty = int(np.flatnonzero(protos.support == 0)[0])
-    # The empty prototype is its image cluster's centre (a single image) and its text cluster's centre.
-    assert any(np.allclose(protos.image_prototypes[empty], row, atol=1e-4) for row in image_embeds[:2])
-    assert any(np.allclose(protos.text_prototypes[empty], row, atol=1e-4) for row in text_embeds[4:])
+    if normalize:
+        # Centres of normalised points are not raw: the fallback is the raw mean of each cluster's members,
+        # here image A or B alone and caption Y or Z alone.
+        image_centres, text_centres = image_embeds[:2], text_embeds[4:]
+    else:
+        # The k-means centres themselves (MiniBatchKMeans' running estimates), as in the reference.
+        image_centres = kmeans(image_embeds[caption_image], 3, 42)[1]
+        text_centres = kmeans(text_embeds, 3, 42)[1]
+    assert any(np.allclose(protos.image_prototypes[empty], row, atol=1e-5) for row in image_centres)
+    assert any(np.allclose(protos.text_prototypes[empty], row, atol=1e-5) for row in text_centres)
 
 
 def test_prototypes_are_sorted_by_similarity():
