@@ -91,24 +91,28 @@ def test_transparent_pixels_become_white_and_16_bit_white_stays_white():
     assert to_rgb(PIL.Image.new("I;16", (2, 2), 32896)).getpixel((0, 0)) == (128, 128, 128)
 
 
+def embed(components, dataset, **kwargs):
+    return embed_dataset(
+        dataset,
+        collect_captions(dataset),
+        "image",
+        components["image_encoder"],
+        components["feature_extractor"],
+        components["clip_text_encoder"],
+        components["clip_tokenizer"],
+        "cpu",
+        progress=False,
+        **kwargs,
+    )
+
+
 def test_each_image_is_embedded_once_and_embeddings_are_raw(components):
     dataset = mixed_dataset(7)
     table = collect_captions(dataset)
     seen = []
     hook = components["image_encoder"].register_forward_hook(lambda module, args, kwargs: seen.append(len(args[0])))
     try:
-        embeddings = embed_dataset(
-            dataset,
-            table,
-            "image",
-            components["image_encoder"],
-            components["feature_extractor"],
-            components["clip_text_encoder"],
-            components["clip_tokenizer"],
-            "cpu",
-            batch_size=3,
-            progress=False,
-        )
+        embeddings = embed(components, dataset, batch_size=3)
     finally:
         hook.remove()
     assert seen == [3, 3, 1]  # 7 images in batches of 3, however many captions each has
@@ -121,15 +125,5 @@ def test_each_image_is_embedded_once_and_embeddings_are_raw(components):
         direct = components["image_encoder"](pixels).image_embeds[0].numpy()
     np.testing.assert_allclose(embeddings.image_embeds[2], direct, rtol=1e-5, atol=1e-6)
     # A caption's embedding does not depend on its batch.
-    alone = embed_dataset(
-        dataset.select([1]),
-        collect_captions(dataset.select([1])),
-        "image",
-        components["image_encoder"],
-        components["feature_extractor"],
-        components["clip_text_encoder"],
-        components["clip_tokenizer"],
-        "cpu",
-        progress=False,
-    )
+    alone = embed(components, dataset.select([1]))
     np.testing.assert_array_equal(alone.text_embeds, embeddings.text_embeds[table.caption_image == 1])
