@@ -157,7 +157,8 @@ def _distill(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("hf_pds").setLevel(logging.INFO)  # the stages' one-line summaries
     try:
         if args.command == "distill":
             _distill(args)

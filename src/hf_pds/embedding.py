@@ -219,7 +219,7 @@ class _ImageBatches:
     def __init__(self, dataset, image_column: str, rows: np.ndarray, batch_size: int):
         import datasets
 
-        column = dataset.select_columns([image_column])
+        column = dataset.select_columns([image_column]).with_format(None)
         if not isinstance(column.features[image_column], datasets.Image):
             column = column.cast_column(image_column, datasets.Image())
         self._column = column.select(rows) if len(rows) != len(dataset) else column

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
@@ -31,6 +32,9 @@ from .synthesis import (
     prototype_seed,
     synthesize,
 )
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +178,7 @@ class PDSPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        dataset,
+        dataset: datasets.Dataset,
         budget: int,
         image_column: str = "image",
         caption_column: str = "caption",
@@ -237,7 +241,7 @@ class PDSPipeline(DiffusionPipeline):
         table = collect_captions(dataset, image_column, caption_column, skip_invalid_rows)
         check_budget(budget, len(table.captions), prune_ratio, n_images=len(table.rows))
         if generator is not None:
-            seed = int(torch.randint(0, 2**32 - 1, (1,), generator=generator))
+            seed = int(torch.randint(0, 2**32 - 1, (1,), generator=generator, device=generator.device))
         progress = not self._progress_bar_config.get("disable", False)
         device = self._execution_device
 
