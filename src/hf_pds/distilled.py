@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +15,6 @@ import PIL.Image
 
 from .prototypes import Prototypes
 
-DATA_FILE = "data/train-00000-of-00001.parquet"
 COLUMNS = (
     "image",
     "caption",
@@ -69,7 +68,7 @@ def minimal_card(dataset: datasets.Dataset, settings: dict) -> str:
     from huggingface_hub import DatasetCard, DatasetCardData
 
     data = DatasetCardData(
-        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}],
+        configs=hub_configs(["train"]),
         tags=["dataset-distillation", "synthetic", "pds"],
         task_categories=["image-to-text", "text-to-image"],
     )
@@ -87,11 +86,58 @@ def minimal_card(dataset: datasets.Dataset, settings: dict) -> str:
     return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
-def save_folder(dataset: datasets.Dataset, folder: str | os.PathLike, card: str, overwrite: bool = False) -> Path:
-    """Write ``dataset`` as a Hub-layout folder: ``README.md`` + ``data/*.parquet``.
+def hub_configs(splits: Sequence[str]) -> list[dict]:
+    """The card YAML ``configs`` entry that points ``load_dataset`` at the Parquet shards of each split."""
+    return [
+        {
+            "config_name": "default",
+            "data_files": [{"split": split, "path": f"data/{split}-*.parquet"} for split in splits],
+        }
+    ]
+
+
+def _estimated_bytes(dataset: datasets.Dataset) -> int:
+    """Arrow size plus the size of image files that the Parquet shards will embed."""
+    total = dataset.data.nbytes
+    for name, feature in dataset.features.items():
+        if isinstance(feature, datasets.Image):
+            cells = dataset.select_columns([name]).cast_column(name, datasets.Image(decode=False))[name]
+            total += sum(os.path.getsize(cell["path"]) for cell in cells if cell and not cell["bytes"] and cell["path"])
+    return total
+
+
+def write_parquet_shards(
+    dataset: datasets.Dataset, data_dir: Path, split: str, max_shard_bytes: int = 500 * 2**20
+) -> list[Path]:
+    """Write ``dataset`` as ``data_dir/{split}-0000i-of-0000n.parquet`` shards of at most about
+    ``max_shard_bytes``, with image files embedded as bytes (as ``push_to_hub`` does)."""
+    from datasets.table import embed_table_storage
+
+    n_shards = max(1, -(-_estimated_bytes(dataset) // max_shard_bytes))
+    n_shards = min(n_shards, max(1, len(dataset)))
+    paths = []
+    for index in range(n_shards):
+        shard = dataset.shard(n_shards, index, contiguous=True).with_format("arrow")
+        shard = shard.map(embed_table_storage, batched=True, batch_size=1000, keep_in_memory=True)
+        path = data_dir / f"{split}-{index:05d}-of-{n_shards:05d}.parquet"
+        shard.to_parquet(path)
+        paths.append(path)
+    return paths
+
+
+def write_hub_folder(
+    folder: str | os.PathLike,
+    splits: Mapping[str, datasets.Dataset],
+    card: str,
+    extra_files: Mapping[str, bytes] | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = 500 * 2**20,
+) -> Path:
+    """Write a Hub-layout dataset folder: ``README.md`` (``card``), ``data/{split}-*.parquet`` and
+    ``extra_files`` (relative path -> content), which ``datasets.load_dataset(folder)`` loads.
 
     Everything is written into a temporary folder beside the target and moved into place when complete,
-    so an interrupted save never leaves a half-written folder.
+    so an interrupted write never leaves a half-written folder.
     """
     folder = Path(folder).resolve()
     if folder.exists() and not overwrite:
@@ -103,8 +149,13 @@ def save_folder(dataset: datasets.Dataset, folder: str | os.PathLike, card: str,
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the saved folder should not be
     try:
         (staging / "data").mkdir()
-        dataset.to_parquet(staging / DATA_FILE)
+        for split, dataset in splits.items():
+            write_parquet_shards(dataset, staging / "data", split, max_shard_bytes)
         (staging / "README.md").write_text(card, encoding="utf-8")
+        for relative_path, content in (extra_files or {}).items():
+            target = staging / relative_path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
         if folder.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
             folder.rename(retired / folder.name)
@@ -134,4 +185,5 @@ class PDSPipelineOutput:
 
     def save(self, folder: str | os.PathLike, overwrite: bool = False) -> Path:
         """Save as a Hub-layout folder that ``datasets.load_dataset(folder)`` loads back; returns its path."""
-        return save_folder(self.dataset, folder, minimal_card(self.dataset, self.settings), overwrite=overwrite)
+        card = minimal_card(self.dataset, self.settings)
+        return write_hub_folder(folder, {"train": self.dataset}, card, overwrite=overwrite)
