@@ -20,7 +20,7 @@ def test_distill_without_arguments_runs_the_embedded_demo(tmp_path, capsys):
     assert "pass --overwrite" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("layout", ["save_to_disk", "parquet"])
+@pytest.mark.parametrize("layout", ["save_to_disk", "parquet", "parquet-streaming"])
 def test_distill_a_local_dataset_with_the_saved_tiny_pipeline(tmp_path, layout):
     from hf_pds.testing import tiny_pds_pipeline
 
@@ -52,6 +52,7 @@ def test_distill_a_local_dataset_with_the_saved_tiny_pipeline(tmp_path, layout):
             str(tmp_path / "out"),
             "--device",
             "cpu",
+            *(["--streaming"] if layout.endswith("streaming") else []),
         ]
     )
     assert code == 0

@@ -118,7 +118,7 @@ def test_generator_draws_the_run_seed(pipe, dataset):
 
 def test_save_then_load_dataset_gives_identical_rows(distilled, tmp_path):
     folder = distilled.save(tmp_path / "distilled")
-    assert sorted(path.name for path in folder.iterdir()) == ["README.md", "data"]
+    assert sorted(path.name for path in folder.iterdir()) == ["README.md", "data", "preview.png", "stats.png"]
     loaded = datasets.load_dataset(str(folder), split="train")
     assert loaded.features == distilled.dataset.features
     original_bytes = distilled.dataset.cast_column("image", datasets.Image(decode=False))["image"]
@@ -126,8 +126,6 @@ def test_save_then_load_dataset_gives_identical_rows(distilled, tmp_path):
     assert [cell["bytes"] for cell in loaded_bytes] == [cell["bytes"] for cell in original_bytes]
     for name in COLUMNS[1:]:
         assert list(loaded[name]) == list(distilled.dataset[name]), name
-    card = (folder / "README.md").read_text()
-    assert "configs:" in card and "dataset-distillation" in card and "| `budget` | `4` |" in card
 
 
 def test_save_refuses_to_overwrite_and_leaves_nothing_on_failure(distilled, tmp_path, monkeypatch):
@@ -156,7 +154,7 @@ def test_overwrite_replaces_a_saved_folder(distilled, tmp_path):
     distilled.save(target)
     (target / "stale.txt").write_text("from an older run")
     distilled.save(target, overwrite=True)
-    assert sorted(path.name for path in target.iterdir()) == ["README.md", "data"]
+    assert sorted(path.name for path in target.iterdir()) == ["README.md", "data", "preview.png", "stats.png"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
 
@@ -262,3 +260,48 @@ def test_importing_the_package_and_the_prototype_engine_loads_no_torch():
     code = "import sys, hf_pds; from hf_pds import extract_prototypes; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_a_stream_gives_the_same_distilled_set(pipe, dataset, distilled, tmp_path):
+    dataset.to_parquet(tmp_path / "source.parquet")
+    stream = datasets.load_dataset(
+        "parquet", data_files=str(tmp_path / "source.parquet"), split="train", streaming=True
+    )
+    assert isinstance(stream, datasets.IterableDataset)
+    streamed = pipe(stream, budget=4, batch_size=4, **FAST)
+    assert_same_images(distilled.dataset, streamed.dataset)
+    assert list(streamed.dataset["caption"]) == list(distilled.dataset["caption"])
+    np.testing.assert_array_equal(streamed.prototypes.text_prototypes, distilled.prototypes.text_prototypes)
+
+
+def test_a_stream_is_read_one_batch_at_a_time(pipe, dataset):
+    produced = []
+
+    def rows():
+        for index, row in enumerate(dataset):
+            produced.append(index)
+            yield row
+
+    stream = datasets.IterableDataset.from_generator(rows, features=dataset.features)
+    read_when_embedding = []
+    hook = pipe.image_encoder.register_forward_pre_hook(lambda module, args: read_when_embedding.append(len(produced)))
+    try:
+        pipe(stream, budget=2, embedding_batch_size=3, **FAST)
+    finally:
+        hook.remove()
+    # Images are embedded as soon as a batch of 3 has arrived, not after the whole stream was read.
+    assert read_when_embedding[:4] == [3, 6, 9, 10]
+
+
+def test_a_stream_names_its_bad_row_or_skips_it(pipe, dataset):
+    columns = {name: list(dataset[name]) for name in dataset.column_names}
+    columns["image"][5] = None
+    broken = datasets.Dataset.from_dict(columns, features=dataset.features).to_iterable_dataset()
+    with pytest.raises(ValueError, match="Row 5: column 'image' has no image"):
+        pipe(broken, budget=3, **FAST)
+    out = pipe(broken, budget=3, skip_invalid_rows=True, **FAST)
+    assert out.settings["skipped_rows"] == 1 and out.settings["source_images"] == 9
+    with pytest.raises(ValueError, match="budget=10 is larger than the 9 distinct images"):
+        pipe(broken, budget=10, skip_invalid_rows=True, **FAST)
+    with pytest.raises(ValueError, match="caption_column='text' is not a column"):
+        pipe(broken, budget=3, caption_column="text", **FAST)

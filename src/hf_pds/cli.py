@@ -1,4 +1,4 @@
-"""Command line: ``hf-pds distill``."""
+"""Command line: ``hf-pds distill`` and ``hf-pds push``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--skip-invalid-rows", action="store_true", help="leave out rows with no image or an empty caption"
     )
+    source.add_argument(
+        "--streaming", action="store_true", help="read the dataset as a stream, one batch of images at a time"
+    )
     method = distill.add_argument_group("method")
     method.add_argument("--budget", type=int, help="number of distilled pairs (default: 100; demo: 10)")
     method.add_argument("--prune-ratio", type=float, default=0.2, help="fraction of pairs pruned (default: 0.2)")
@@ -70,14 +73,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     runtime.add_argument("--output", help=f"output folder (default: {DEMO_OUTPUT} for the demo)")
     runtime.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+
+    push = commands.add_parser(
+        "push",
+        help="publish a distilled folder to the Hugging Face Hub",
+        description=(
+            "Upload a folder written by `hf-pds distill` (card, preview, Parquet shards) to a Hub dataset repo, "
+            "private unless --public. Uses the token of `hf auth login` or HF_TOKEN; it is never printed."
+        ),
+    )
+    push.add_argument("folder", help="folder written by hf-pds distill")
+    push.add_argument("repo_id", help="dataset repo id, e.g. me/flickr30k-pds-500")
+    push.add_argument("--public", action="store_true", help="make a new repo public (default: private)")
+    push.add_argument("--revision", help="branch to push to (created if missing)")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--commit-message", help="commit message")
     return parser
 
 
-def load_source_dataset(name: str, split: str):
+def load_source_dataset(name: str, split: str, streaming: bool = False):
     """A split of a Hub dataset or of a local folder (Hub layout, data files, or ``save_to_disk``)."""
     import datasets
 
     path = Path(name)
+    if streaming:
+        return datasets.load_dataset(name, split=split, streaming=True)
     if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
@@ -109,7 +129,7 @@ def _distill(args: argparse.Namespace) -> Path:
         print("No --dataset given: distilling the embedded digits demo (1797 scans, 3 captions each).")
         dataset = digits_dataset()
     else:
-        dataset = load_source_dataset(args.dataset, args.split)
+        dataset = load_source_dataset(args.dataset, args.split, args.streaming)
 
     from .pipeline_pds import DEFAULT_CHECKPOINT, PDSPipeline
 
@@ -144,8 +164,15 @@ def _distill(args: argparse.Namespace) -> Path:
         batch_size=args.batch_size,
         skip_invalid_rows=args.skip_invalid_rows,
     )
-    result.settings["source_dataset"] = "sklearn digits (embedded demo)" if demo else args.dataset
-    result.settings["source_split"] = None if demo else args.split
+    if demo:
+        result.provenance.update(source_dataset="scikit-learn digits (embedded demo)", source_license="bsd-3-clause")
+        if args.pipeline is None:
+            result.provenance.setdefault("notes", []).append(
+                "Made by the offline demo with tiny, randomly initialised models: the images are noise. "
+                "They show the mechanics of PDS, not its quality."
+            )
+    else:
+        result.provenance.update(source_dataset=args.dataset, source_split=args.split)
     folder = result.save(output, overwrite=args.overwrite)
     print(
         f"Distilled {result.settings['source_captions']} pairs ({result.settings['source_images']} images) into "
@@ -155,6 +182,21 @@ def _distill(args: argparse.Namespace) -> Path:
     return folder
 
 
+def _push(args: argparse.Namespace) -> str:
+    from .distilled import push_folder
+
+    url = push_folder(
+        args.folder,
+        args.repo_id,
+        private=not args.public,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        commit_message=args.commit_message,
+    )
+    print(f"Pushed {args.folder} to {args.repo_id}: {url}")
+    return url
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -162,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "distill":
             _distill(args)
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError) as error:
+        elif args.command == "push":
+            _push(args)
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError, ConnectionError, PermissionError) as error:
         print(f"hf-pds {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

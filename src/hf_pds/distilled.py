@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -63,29 +63,6 @@ def build_distilled_dataset(
     return datasets.Dataset.from_dict(columns, features=features)
 
 
-def minimal_card(dataset: datasets.Dataset, settings: dict) -> str:
-    """A dataset card whose YAML ``configs`` point ``load_dataset`` at the Parquet data."""
-    from huggingface_hub import DatasetCard, DatasetCardData
-
-    data = DatasetCardData(
-        configs=hub_configs(["train"]),
-        tags=["dataset-distillation", "synthetic", "pds"],
-        task_categories=["image-to-text", "text-to-image"],
-    )
-    lines = "\n".join(f"| `{key}` | `{value}` |" for key, value in settings.items())
-    body = (
-        f"# Distilled image-text set ({len(dataset)} pairs)\n\n"
-        "Synthetic image-caption pairs made with PDS (prototype-guided data synthesis, ICLR 2026) by "
-        "[hf-pds](https://pypi.org/project/hf-pds/). Each row holds a synthetic image, the training caption "
-        "closest to its text prototype, both prototype embeddings and the number of source pairs behind them.\n\n"
-        "| setting | value |\n|---|---|\n"
-        f"{lines}\n\n"
-        "```python\nfrom datasets import load_dataset\n\n"
-        'ds = load_dataset("<this folder or repo id>", split="train")\n```\n'
-    )
-    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
-
-
 def hub_configs(splits: Sequence[str]) -> list[dict]:
     """The card YAML ``configs`` entry that points ``load_dataset`` at the Parquet shards of each split."""
     return [
@@ -125,6 +102,29 @@ def write_parquet_shards(
     return paths
 
 
+def with_dataset_info(card: str, splits: Mapping[str, datasets.Dataset], shards: Mapping[str, list[Path]]) -> str:
+    """``card`` with the YAML ``dataset_info`` that ``push_to_hub`` writes: features, split sizes, bytes.
+
+    Besides informing the Hub, it makes ``load_dataset(folder)`` notice new contents: for a local folder
+    whose card has ``configs``, the datasets cache is keyed by the card's YAML, not by the data files.
+    """
+    from datasets.info import DatasetInfo, DatasetInfosDict
+    from huggingface_hub import DatasetCard
+
+    split_dict = datasets.SplitDict()
+    for split, data in splits.items():
+        split_dict.add(datasets.SplitInfo(name=split, num_bytes=_estimated_bytes(data), num_examples=len(data)))
+    info = DatasetInfo(
+        features=next(iter(splits.values())).features,
+        splits=split_dict,
+        download_size=sum(path.stat().st_size for paths in shards.values() for path in paths),
+        dataset_size=sum(split.num_bytes for split in split_dict.values()),
+    )
+    parsed = DatasetCard(card)
+    DatasetInfosDict({"default": info}).to_dataset_card_data(parsed.data)
+    return str(parsed)
+
+
 def write_hub_folder(
     folder: str | os.PathLike,
     splits: Mapping[str, datasets.Dataset],
@@ -149,9 +149,11 @@ def write_hub_folder(
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the saved folder should not be
     try:
         (staging / "data").mkdir()
-        for split, dataset in splits.items():
-            write_parquet_shards(dataset, staging / "data", split, max_shard_bytes)
-        (staging / "README.md").write_text(card, encoding="utf-8")
+        shards = {
+            split: write_parquet_shards(data, staging / "data", split, max_shard_bytes)
+            for split, data in splits.items()
+        }
+        (staging / "README.md").write_text(with_dataset_info(card, splits, shards), encoding="utf-8")
         for relative_path, content in (extra_files or {}).items():
             target = staging / relative_path
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -169,6 +171,55 @@ def write_hub_folder(
     return folder
 
 
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    private: bool = True,
+    token: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+) -> str:
+    """Upload a Hub-layout folder to the dataset repo ``repo_id``; returns the commit (or PR) URL.
+
+    The repo is created if needed, private unless ``private=False``. The folder is uploaded as it is, card
+    included, so its YAML ``configs`` reach the Hub intact; Parquet shards already in the repo under
+    ``data/`` are replaced. Without a token or without a connection this fails before uploading anything.
+    """
+    from huggingface_hub import HfApi, constants, get_token
+
+    folder = Path(folder)
+    if not (folder / "README.md").is_file() or not list(folder.glob("data/*.parquet")):
+        raise ValueError(f"{folder} is not a Hub-layout dataset folder: it needs README.md and data/*.parquet.")
+    if constants.HF_HUB_OFFLINE:
+        raise ConnectionError("HF_HUB_OFFLINE is set: unset it to push to the Hub.")
+    token = token or get_token()
+    if not token:
+        raise PermissionError(
+            "No Hugging Face token: log in with `hf auth login`, set HF_TOKEN, or pass token=... to push."
+        )
+    api = HfApi(token=token)
+    try:
+        user = api.whoami()["name"]
+    except Exception as error:
+        raise ConnectionError(
+            f"The Hub cannot be reached or refused the token ({type(error).__name__}: {error}). Nothing was uploaded."
+        ) from error
+    repo = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    if revision and not create_pr:
+        api.create_branch(repo.repo_id, branch=revision, repo_type="dataset", exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo.repo_id,
+        folder_path=folder,
+        repo_type="dataset",
+        revision=revision,
+        create_pr=create_pr,
+        commit_message=commit_message or f"Upload PDS distilled dataset ({user}, hf-pds)",
+        delete_patterns=["data/*.parquet"],
+    )
+    return commit.pr_url if create_pr and commit.pr_url else commit.commit_url
+
+
 @dataclass
 class PDSPipelineOutput:
     """What :class:`~hf_pds.PDSPipeline` returns.
@@ -176,14 +227,41 @@ class PDSPipelineOutput:
     Attributes:
         dataset: the distilled ``datasets.Dataset``, one row per synthetic pair, in prototype order.
         prototypes: the :class:`~hf_pds.Prototypes` behind it.
-        settings: the method and generation settings of the run (written into the card).
+        settings: the method and generation settings of the run.
+        provenance: where it came from: source dataset (id, split, fingerprint, license), models and their
+            revisions, hf-pds version. Written into the card; edit it before saving to correct it.
     """
 
     dataset: datasets.Dataset
     prototypes: Prototypes
     settings: dict
+    provenance: dict = field(default_factory=dict)
 
-    def save(self, folder: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Save as a Hub-layout folder that ``datasets.load_dataset(folder)`` loads back; returns its path."""
-        card = minimal_card(self.dataset, self.settings)
-        return write_hub_folder(folder, {"train": self.dataset}, card, overwrite=overwrite)
+    def save(self, folder: str | os.PathLike, overwrite: bool = False, repo_id: str | None = None) -> Path:
+        """Save as a Hub-layout folder: ``README.md`` (the dataset card), ``preview.png``, ``stats.png`` and
+        ``data/train-*.parquet``, which ``datasets.load_dataset(folder)`` loads back. Returns its path.
+
+        ``repo_id`` only fills in the card's loading snippet.
+        """
+        from .card import card_files
+
+        card, images = card_files(self.dataset, self.prototypes, self.settings, self.provenance, repo_id)
+        return write_hub_folder(folder, {"train": self.dataset}, card, extra_files=images, overwrite=overwrite)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        commit_message: str | None = None,
+    ) -> str:
+        """Publish to the Hub dataset repo ``repo_id`` (private by default); returns the commit URL.
+
+        Writes the same folder as :meth:`save` into a temporary place and uploads it with
+        :func:`push_folder`. The token (``token`` or the logged-in one) is never printed or written.
+        """
+        with tempfile.TemporaryDirectory(prefix="hf-pds-push-") as staging:
+            folder = self.save(Path(staging) / "dataset", repo_id=repo_id)
+            return push_folder(folder, repo_id, private, token, revision, create_pr, commit_message)

@@ -38,7 +38,8 @@ class CaptionTable:
 class Embeddings:
     """Raw (not normalised) projected CLIP embeddings, float32, with the pair structure.
 
-    ``image_embeds[caption_image[k]]`` is the image of caption ``k``.
+    ``image_embeds[caption_image[k]]`` is the image of caption ``k``; ``rows`` gives each image's row in
+    the dataset (or stream), ``skipped_rows`` the rows left out as unusable.
     """
 
     image_embeds: np.ndarray
@@ -46,6 +47,7 @@ class Embeddings:
     caption_image: np.ndarray
     captions: list[str]
     rows: np.ndarray
+    skipped_rows: list[int]
 
 
 def _caption_problem(value) -> str | None:
@@ -90,10 +92,25 @@ def _missing_image_rows(dataset, image_column: str) -> np.ndarray:
     return np.asarray(missing, dtype=np.int64)
 
 
+def check_columns(dataset, image_column: str, caption_column: str) -> None:
+    """Raise unless ``dataset`` is a ``Dataset`` or ``IterableDataset`` with both columns (when known)."""
+    import datasets
+
+    if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
+        raise TypeError(f"dataset must be a datasets.Dataset or IterableDataset, got {type(dataset).__name__}.")
+    if dataset.column_names is None:  # a stream whose features are unknown until its first row
+        return
+    for role, column in (("image_column", image_column), ("caption_column", caption_column)):
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"{role}={column!r} is not a column of the dataset; its columns are {dataset.column_names}."
+            )
+
+
 def collect_captions(
     dataset, image_column: str = "image", caption_column: str = "caption", skip_invalid_rows: bool = False
 ) -> CaptionTable:
-    """Check the two columns of ``dataset`` and list its pairs, without decoding any image.
+    """Check the two columns of a map-style ``dataset`` and list its pairs, without decoding any image.
 
     Raises:
         ValueError: a column is missing, or (unless ``skip_invalid_rows``) a row has no image or a
@@ -101,15 +118,9 @@ def collect_captions(
     """
     import datasets
 
-    if isinstance(dataset, datasets.IterableDataset):
-        raise TypeError("PDS needs a map-style datasets.Dataset; an IterableDataset (streaming) is not supported yet.")
+    check_columns(dataset, image_column, caption_column)
     if not isinstance(dataset, datasets.Dataset):
-        raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}.")
-    for role, column in (("image_column", image_column), ("caption_column", caption_column)):
-        if column not in dataset.column_names:
-            raise ValueError(
-                f"{role}={column!r} is not a column of the dataset; its columns are {dataset.column_names}."
-            )
+        raise TypeError("collect_captions needs a map-style datasets.Dataset; embed a stream with embed_stream.")
     if len(dataset) == 0:
         raise ValueError("The dataset has no rows.")
 
@@ -177,6 +188,8 @@ def embed_images(
             embeds = image_encoder(pixels.to(device=device, dtype=dtype)).image_embeds
             chunks.append(embeds.float().cpu().numpy())
             bar.update(len(batch))
+    if not chunks:
+        return np.zeros((0, image_encoder.config.projection_dim), dtype=np.float32)
     return np.concatenate(chunks)
 
 
@@ -254,4 +267,80 @@ def embed_dataset(
         caption_image=table.caption_image,
         captions=table.captions,
         rows=table.rows,
+        skipped_rows=table.skipped_rows,
+    )
+
+
+def _decoded(cell) -> PIL.Image.Image | None:
+    """A stream's image cell as a PIL image: streams of unknown features yield ``{"bytes", "path"}``."""
+    if isinstance(cell, dict):
+        import datasets
+
+        return datasets.Image().decode_example(cell) if cell.get("bytes") or cell.get("path") else None
+    return cell
+
+
+def embed_stream(
+    dataset,
+    image_column: str,
+    caption_column: str,
+    image_encoder,
+    feature_extractor,
+    text_encoder,
+    tokenizer,
+    device: torch.device | str,
+    batch_size: int = 64,
+    skip_invalid_rows: bool = False,
+    progress: bool = True,
+) -> Embeddings:
+    """Embed an ``IterableDataset`` in one pass, holding one batch of images at a time.
+
+    Each row is checked as it arrives, before its image is embedded: a row without an image or with an
+    empty caption raises ``ValueError`` naming it (or is skipped with ``skip_invalid_rows``).
+    """
+    rows: list[int] = []
+    captions: list[str] = []
+    caption_image: list[int] = []
+    skipped: list[int] = []
+
+    def image_batches():
+        batch = []
+        for row, example in enumerate(dataset):
+            for column in (image_column, caption_column):
+                if column not in example:
+                    raise ValueError(f"Column {column!r} is not in the stream; its rows have {sorted(example)}.")
+            image = _decoded(example[image_column])
+            problem = f"column {image_column!r} has no image" if image is None else None
+            caption_problem = _caption_problem(example[caption_column])
+            problem = problem or (caption_problem and f"column {caption_column!r} {caption_problem}")
+            if problem:
+                if not skip_invalid_rows:
+                    raise ValueError(f"Row {row}: {problem}. Fix it, or pass skip_invalid_rows=True to leave it out.")
+                skipped.append(row)
+                continue
+            value = example[caption_column]
+            for caption in [value] if isinstance(value, str) else value:
+                captions.append(caption)
+                caption_image.append(len(rows))
+            rows.append(row)
+            batch.append(image)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    image_embeds = embed_images(image_batches(), image_encoder, feature_extractor, device, progress)
+    if skipped:
+        logger.warning("Skipped %d of %d rows with a missing image or caption.", len(skipped), len(rows) + len(skipped))
+    if not rows:
+        raise ValueError("No usable row is left: the stream is empty, or every row has a missing image or caption.")
+    text_embeds = embed_texts(captions, text_encoder, tokenizer, device, batch_size, progress)
+    return Embeddings(
+        image_embeds=image_embeds,
+        text_embeds=text_embeds,
+        caption_image=np.asarray(caption_image, dtype=np.int64),
+        captions=captions,
+        rows=np.asarray(rows, dtype=np.int64),
+        skipped_rows=skipped,
     )

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from typing import TYPE_CHECKING
 
 import torch
+from datasets import IterableDataset
 from diffusers import AutoencoderKL, DiffusionPipeline, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
 from diffusers.schedulers import KarrasDiffusionSchedulers
@@ -20,7 +22,7 @@ from transformers import (
 )
 
 from .distilled import PDSPipelineOutput, build_distilled_dataset
-from .embedding import collect_captions, embed_dataset
+from .embedding import check_columns, collect_captions, embed_dataset, embed_stream
 from .prototypes import check_budget, extract_prototypes
 from .synthesis import (
     DEFAULT_GUIDANCE_SCALE,
@@ -201,8 +203,10 @@ class PDSPipeline(DiffusionPipeline):
         Distill ``dataset`` into ``budget`` synthetic image-caption pairs.
 
         Args:
-            dataset (`datasets.Dataset`): one row per image; the caption column holds a string or a list of
-                strings (several captions per image, as Flickr30k and COCO).
+            dataset (`datasets.Dataset` or `datasets.IterableDataset`): one row per image; the caption column
+                holds a string or a list of strings (several captions per image, as Flickr30k and COCO). A stream
+                is read once, one batch of images at a time; its rows are checked as they arrive and the budget
+                once it is read.
             budget (`int`): number of distilled pairs (k-means K).
             image_column (`str`, defaults to `"image"`): column of images (``datasets.Image`` or paths).
             caption_column (`str`, defaults to `"caption"`): column of captions.
@@ -228,7 +232,7 @@ class PDSPipeline(DiffusionPipeline):
             [`PDSPipelineOutput`] with the distilled ``dataset`` and its ``prototypes``, or the tuple
             ``(dataset, prototypes)``.
         """
-        # 1. Check inputs, before any model runs.
+        # 1. Check inputs, before any model runs (a stream's rows are checked as they arrive).
         self.check_components()
         check_generation_settings(
             num_inference_steps,
@@ -238,8 +242,13 @@ class PDSPipeline(DiffusionPipeline):
             output_size,
             batch_size,
         )
-        table = collect_captions(dataset, image_column, caption_column, skip_invalid_rows)
-        check_budget(budget, len(table.captions), prune_ratio, n_images=len(table.rows))
+        check_columns(dataset, image_column, caption_column)
+        table = (
+            None
+            if isinstance(dataset, IterableDataset)
+            else collect_captions(dataset, image_column, caption_column, skip_invalid_rows)
+        )
+        check_budget(budget, table and len(table.captions), prune_ratio, n_images=table and len(table.rows))
         if generator is not None:
             seed = int(torch.randint(0, 2**32 - 1, (1,), generator=generator, device=generator.device))
         progress = not self._progress_bar_config.get("disable", False)
@@ -247,18 +256,22 @@ class PDSPipeline(DiffusionPipeline):
 
         # 2. Embed every image once and every caption with CLIP.
         started = time.perf_counter()
-        embeddings = embed_dataset(
-            dataset,
-            table,
-            image_column,
-            self.image_encoder,
-            self.feature_extractor,
-            self.clip_text_encoder,
-            self.clip_tokenizer,
-            device,
-            batch_size=embedding_batch_size,
-            progress=progress,
-        )
+        towers = (self.image_encoder, self.feature_extractor, self.clip_text_encoder, self.clip_tokenizer, device)
+        if table is None:
+            embeddings = embed_stream(
+                dataset,
+                image_column,
+                caption_column,
+                *towers,
+                batch_size=embedding_batch_size,
+                skip_invalid_rows=skip_invalid_rows,
+                progress=progress,
+            )
+            check_budget(budget, len(embeddings.captions), prune_ratio, n_images=len(embeddings.rows))
+        else:
+            embeddings = embed_dataset(
+                dataset, table, image_column, *towers, batch_size=embedding_batch_size, progress=progress
+            )
         logger.info(
             "Embedded %d images and %d captions in %.1f s.",
             len(embeddings.image_embeds),
@@ -316,9 +329,36 @@ class PDSPipeline(DiffusionPipeline):
             "output_size": output_size,
             "source_images": len(embeddings.image_embeds),
             "source_captions": len(embeddings.text_embeds),
-            "skipped_rows": len(table.skipped_rows),
+            "skipped_rows": len(embeddings.skipped_rows),
         }
-        return PDSPipelineOutput(dataset=distilled, prototypes=prototypes, settings=settings)
+        return PDSPipelineOutput(
+            dataset=distilled, prototypes=prototypes, settings=settings, provenance=self.provenance(dataset)
+        )
+
+    def provenance(self, dataset: datasets.Dataset) -> dict:
+        """Where a distilled set comes from: the source dataset and the models, with revisions when known."""
+        from . import __version__
+
+        unet_path = getattr(self.unet.config, "_name_or_path", "") or ""
+        clip_config = self.clip_text_encoder.config
+        return {
+            "source_dataset": dataset.info.dataset_name or None,
+            "source_config": dataset.info.config_name or None,
+            "source_split": str(dataset.split) if dataset.split is not None else None,
+            "source_fingerprint": getattr(dataset, "_fingerprint", None) or "unknown (streamed)",
+            "source_license": dataset.info.license or None,
+            "unclip_checkpoint": self.name_or_path or "unknown",
+            "unclip_revision": snapshot_revision(unet_path),
+            "clip_model": clip_config.name_or_path or "unknown",
+            "clip_revision": getattr(clip_config, "_commit_hash", None) or snapshot_revision(clip_config.name_or_path),
+            "hf_pds_version": __version__,
+        }
+
+
+def snapshot_revision(path: str | None) -> str | None:
+    """The commit of a Hub cache snapshot path (``.../snapshots/<commit>/...``), if it is one."""
+    match = re.search(r"snapshots/([0-9a-f]{40})", path or "")
+    return match.group(1) if match else None
 
 
 def matching_clip_model(vision_config) -> str:

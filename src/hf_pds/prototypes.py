@@ -53,14 +53,19 @@ def pairs_after_pruning(n_pairs: int, prune_ratio: float) -> int:
     return n_pairs - int(n_pairs * prune_ratio)
 
 
-def check_budget(budget: int, n_pairs: int, prune_ratio: float, n_images: int | None = None) -> None:
-    """Raise ``ValueError`` unless ``budget`` prototypes can be drawn from ``n_pairs`` pairs of ``n_images``."""
+def check_budget(budget: int, n_pairs: int | None, prune_ratio: float, n_images: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``budget`` prototypes can be drawn from ``n_pairs`` pairs of ``n_images``.
+
+    With ``n_pairs=None`` (a stream not read yet) only the budget and the ratio themselves are checked.
+    """
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
         raise ValueError(f"budget must be an integer, got {budget!r}.")
     if budget < 1:
         raise ValueError(f"budget must be at least 1, got {budget}.")
     if not 0.0 <= prune_ratio < 1.0:
         raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}.")
+    if n_pairs is None:
+        return
     kept = pairs_after_pruning(n_pairs, prune_ratio)
     if budget > kept:
         raise ValueError(

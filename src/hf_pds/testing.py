@@ -117,6 +117,7 @@ def tiny_pds_components(seed: int = 0) -> dict:
         )
     )
     clip_text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    clip_text_encoder.config.name_or_path = f"hf_pds.testing tiny random CLIP (seed={seed})"
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     unet = UNet2DConditionModel(
         sample_size=TINY_IMAGE_SIZE,
@@ -173,6 +174,7 @@ def tiny_pds_components(seed: int = 0) -> dict:
 def tiny_pds_pipeline(seed: int = 0) -> PDSPipeline:
     """A complete :class:`PDSPipeline` with tiny random weights: no network, seconds on a CPU."""
     pipeline = PDSPipeline(**tiny_pds_components(seed))
+    pipeline.register_to_config(_name_or_path=f"hf_pds.testing.tiny_pds_pipeline(seed={seed})")
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
