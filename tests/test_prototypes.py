@@ -292,3 +292,18 @@ def test_prototypes_average_over_pairs_not_images():
         expected = np.average(image_embeds[members], axis=0, weights=counts[members])
         np.testing.assert_allclose(protos.image_prototypes[k], expected, rtol=1e-5, atol=1e-5)
         assert protos.support[k] == counts[members].sum() == 11
+
+
+def test_encoders_of_different_widths_need_no_pruning_and_sort_by_support():
+    data = planted_concepts()
+    projection = np.random.default_rng(9).normal(size=(DIM, 6))
+    text_embeds = data["text_embeds"] @ projection  # another space, 6-d
+    protos = extract_prototypes(data["image_embeds"], text_embeds, data["caption_image"], budget=5, prune_ratio=0.0)
+    assert protos.text_prototypes.shape == (5, 6) and protos.image_prototypes.shape == (5, DIM)
+    assert protos.similarity.shape == (0,)
+    assert protos.support.tolist() == sorted(protos.support.tolist(), reverse=True)
+    assert sorted(protos.support.tolist()) == sorted((np.bincount(data["image_concept"]) * 3).tolist())
+    concepts = concept_of_prototypes(data, protos)
+    assert [data["caption_concept"][index] for index in protos.caption_index] == concepts.tolist()
+    with pytest.raises(ValueError, match="pruning compares images with captions"):
+        extract_prototypes(data["image_embeds"], text_embeds, data["caption_image"], budget=5, prune_ratio=0.2)

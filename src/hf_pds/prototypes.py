@@ -28,7 +28,8 @@ class Prototypes:
         text_cluster: ``[M]`` text k-means cluster matched to it.
         support: ``[M]`` number of kept pairs in both clusters (0 when the prototype fell back to the
             k-means centres).
-        similarity: ``[M]`` cosine between image and text prototype.
+        similarity: ``[M]`` cosine between image and text prototype; empty when the two embeddings have
+            different widths (encoders of two spaces), and the prototypes are then sorted by ``support``.
         n_pairs: pairs before pruning.
         n_pruned: pairs dropped by pruning.
     """
@@ -185,12 +186,14 @@ def extract_prototypes(
         text_embeds: ``[n_captions, d]`` raw CLIP text embeddings, one row per caption (= per pair).
         caption_image: ``[n_captions]`` row of ``image_embeds`` that each caption describes.
         budget: number of prototypes K (the k-means K of both modalities).
-        prune_ratio: fraction of pairs with the lowest image-text cosine dropped before clustering.
+        prune_ratio: fraction of pairs with the lowest image-text cosine dropped before clustering. Must be
+            0 when the image and text embeddings have different widths (no shared space to compare them in).
         normalize: cluster L2-normalised embeddings (prototypes stay means of raw embeddings).
         seed: ``random_state`` of both k-means runs.
 
     Returns:
-        :class:`Prototypes` sorted by image-text cosine, highest first.
+        :class:`Prototypes` sorted by image-text cosine, highest first (by support when the two embeddings
+        live in different spaces).
 
     The unit is the pair: an image with five kept captions is clustered as five rows, as in the
     reference, so that it weighs as much as its captions do.
@@ -213,17 +216,19 @@ def extract_prototypes(
             f"caption_image[{row}] = {int(caption_image[row])} is not a row of image_embeds "
             f"(valid: 0..{len(image_embeds) - 1}); {int(out_of_range.sum())} entries are out of range."
         )
-    if image_embeds.shape[1] != text_embeds.shape[1]:
+    shared_space = image_embeds.shape[1] == text_embeds.shape[1]
+    if not shared_space and prune_ratio > 0:
         raise ValueError(
-            f"image_embeds and text_embeds must share one embedding space, got widths "
-            f"{image_embeds.shape[1]} and {text_embeds.shape[1]}."
+            f"image_embeds and text_embeds have widths {image_embeds.shape[1]} and {text_embeds.shape[1]}: "
+            "pruning compares images with captions, so it needs one shared embedding space. "
+            "Use one CLIP model for both, or prune_ratio=0 for encoders of different spaces."
         )
     n_pairs = len(text_embeds)
     check_budget(budget, n_pairs, prune_ratio, n_images=len(np.unique(caption_image)))
 
     # 2. Prune the least similar pairs. A pair carries its image's embedding, as in the reference.
     pair_images = image_embeds[caption_image]
-    kept = prune_pairs(pair_cosine(pair_images, text_embeds), prune_ratio)
+    kept = prune_pairs(pair_cosine(pair_images, text_embeds), prune_ratio) if prune_ratio > 0 else np.arange(n_pairs)
     n_distinct_images = len(np.unique(caption_image[kept]))
     if budget > n_distinct_images:
         raise ValueError(
@@ -256,8 +261,13 @@ def extract_prototypes(
         raw_texts[in_prototype], prototype_of_pair[in_prototype], budget, text_centres[text_cluster]
     )
     support = table[image_cluster, text_cluster]
-    similarity = pair_cosine(image_prototypes, text_prototypes)
-    order = np.argsort(-similarity, kind="stable")
+    if shared_space:
+        similarity = pair_cosine(image_prototypes, text_prototypes)
+        order = np.argsort(-similarity, kind="stable")
+    else:
+        # Encoders of two spaces have no image-text cosine: order by support, leave similarity empty.
+        similarity = np.empty(0, dtype=np.float32)
+        order = np.argsort(-support, kind="stable")
 
     # 6. Caption of each text prototype: the closest training caption (all captions, pruned or not).
     caption_index = nearest_by_cosine(text_prototypes[order], text_embeds)
@@ -269,7 +279,7 @@ def extract_prototypes(
         image_cluster=image_cluster[order].astype(np.int64),
         text_cluster=text_cluster[order].astype(np.int64),
         support=support[order].astype(np.int64),
-        similarity=similarity[order].astype(np.float32),
+        similarity=similarity[order] if shared_space else similarity,
         n_pairs=n_pairs,
         n_pruned=n_pairs - len(kept),
         settings={
