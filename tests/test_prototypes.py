@@ -9,6 +9,11 @@ from hf_pds.prototypes import count_table, kmeans, match_clusters, pair_cosine, 
 DIM = 16
 
 
+@pytest.fixture(params=["sklearn", "faiss"])
+def backend(request):
+    return request.param
+
+
 def planted_concepts(
     n_concepts=5, images_per_concept=(6, 9, 7, 8, 10), captions_per_image=3, seed=0, mislabeled=0, aligned=True
 ):
@@ -98,12 +103,17 @@ def test_caption_is_the_one_closest_to_the_text_prototype():
     assert sorted(data["caption_concept"][protos.caption_index]) == [0, 1, 2, 3, 4]
 
 
-def test_pruning_drops_mislabeled_pairs_before_clustering():
+def test_pruning_drops_mislabeled_pairs_before_clustering(backend):
     data = planted_concepts(mislabeled=12)
     n_pairs = len(data["caption_image"])
     prune_ratio = 12 / n_pairs + 1e-9
     protos = extract_prototypes(
-        data["image_embeds"], data["text_embeds"], data["caption_image"], budget=5, prune_ratio=prune_ratio
+        data["image_embeds"],
+        data["text_embeds"],
+        data["caption_image"],
+        budget=5,
+        prune_ratio=prune_ratio,
+        kmeans_backend=backend,
     )
     assert protos.n_pruned == 12 and protos.n_pairs == n_pairs
     concepts = concept_of_prototypes(data, protos)
@@ -197,11 +207,11 @@ def test_prototypes_are_sorted_by_similarity():
     )
 
 
-def test_same_seed_same_prototypes():
+def test_same_seed_same_prototypes(backend):
     data = planted_concepts(n_concepts=5, seed=4, mislabeled=5)
     args = (data["image_embeds"], data["text_embeds"], data["caption_image"])
-    first = extract_prototypes(*args, budget=12, seed=7)
-    second = extract_prototypes(*args, budget=12, seed=7)
+    first = extract_prototypes(*args, budget=12, seed=7, kmeans_backend=backend)
+    second = extract_prototypes(*args, budget=12, seed=7, kmeans_backend=backend)
     for name in (
         "image_prototypes",
         "text_prototypes",
@@ -277,7 +287,7 @@ def test_k_means_clusters_pairs_with_the_image_repeated_per_caption(monkeypatch)
     np.testing.assert_array_equal(text_points, data["text_embeds"])
 
 
-def test_prototypes_average_over_pairs_not_images():
+def test_prototypes_average_over_pairs_not_images(backend):
     # Concept images with 1 to 5 captions: the image prototype weighs each image by its caption count.
     rng = np.random.default_rng(5)
     centres = rng.normal(size=(2, DIM)) * 10
@@ -285,7 +295,9 @@ def test_prototypes_average_over_pairs_not_images():
     counts = np.array([1, 2, 3, 5, 5, 3, 2, 1])
     caption_image = np.repeat(np.arange(8), counts)
     text_embeds = centres[caption_image // 4] + rng.normal(scale=0.1, size=(len(caption_image), DIM))
-    protos = extract_prototypes(image_embeds, text_embeds, caption_image, budget=2, prune_ratio=0.0)
+    protos = extract_prototypes(
+        image_embeds, text_embeds, caption_image, budget=2, prune_ratio=0.0, kmeans_backend=backend
+    )
     for k in range(2):
         concept = int(np.argmin(np.linalg.norm(centres - protos.image_prototypes[k], axis=1)))
         members = np.arange(4 * concept, 4 * concept + 4)
@@ -294,11 +306,13 @@ def test_prototypes_average_over_pairs_not_images():
         assert protos.support[k] == counts[members].sum() == 11
 
 
-def test_encoders_of_different_widths_need_no_pruning_and_sort_by_support():
+def test_encoders_of_different_widths_need_no_pruning_and_sort_by_support(backend):
     data = planted_concepts()
     projection = np.random.default_rng(9).normal(size=(DIM, 6))
     text_embeds = data["text_embeds"] @ projection  # another space, 6-d
-    protos = extract_prototypes(data["image_embeds"], text_embeds, data["caption_image"], budget=5, prune_ratio=0.0)
+    protos = extract_prototypes(
+        data["image_embeds"], text_embeds, data["caption_image"], budget=5, prune_ratio=0.0, kmeans_backend=backend
+    )
     assert protos.text_prototypes.shape == (5, 6) and protos.image_prototypes.shape == (5, DIM)
     assert protos.similarity.shape == (0,)
     assert protos.support.tolist() == sorted(protos.support.tolist(), reverse=True)
@@ -307,3 +321,47 @@ def test_encoders_of_different_widths_need_no_pruning_and_sort_by_support():
     assert [data["caption_concept"][index] for index in protos.caption_index] == concepts.tolist()
     with pytest.raises(ValueError, match="pruning compares images with captions"):
         extract_prototypes(data["image_embeds"], text_embeds, data["caption_image"], budget=5, prune_ratio=0.2)
+
+
+def test_faiss_weights_an_image_by_its_pairs():
+    """Images at 0, 1, 5 and 6.2 on a line, K=3. Image 0 has 10 captions: as 10 pairs, merging it with image 1
+    costs 10/11 > 0.72 (merging 5 and 6.2), so k-means over pairs keeps 0 and 1 apart."""
+    image_embeds = np.zeros((4, 4), dtype=np.float32)
+    image_embeds[:, 0] = [0.0, 1.0, 5.0, 6.2]
+    caption_image = np.array([0] * 10 + [1, 2, 3])
+    text_embeds = np.zeros((13, 4), dtype=np.float32)
+    text_embeds[:, 1] = [0.0] * 10 + [10.0, 20.0, 21.0]
+    protos = extract_prototypes(
+        image_embeds, text_embeds, caption_image, budget=3, prune_ratio=0.0, kmeans_backend="faiss"
+    )
+    got = {(round(float(p[0]), 3), int(s)) for p, s in zip(protos.image_prototypes, protos.support, strict=True)}
+    assert got == {(0.0, 10), (1.0, 1), (5.6, 2)}
+
+
+def test_backend_choice_is_checked():
+    data = planted_concepts()
+    with pytest.raises(ValueError, match="kmeans_backend must be one of"):
+        extract_prototypes(
+            data["image_embeds"], data["text_embeds"], data["caption_image"], budget=5, kmeans_backend="x"
+        )
+    from hf_pds.prototypes import resolve_kmeans_backend
+
+    assert resolve_kmeans_backend("auto") == "faiss"  # installed in the test environment
+
+
+def test_memory_mapped_embeddings_give_the_same_prototypes(tmp_path, backend):
+    data = planted_concepts(mislabeled=6)
+    np.save(tmp_path / "images.npy", data["image_embeds"])
+    np.save(tmp_path / "texts.npy", data["text_embeds"])
+    mapped = extract_prototypes(
+        np.load(tmp_path / "images.npy", mmap_mode="r"),
+        np.load(tmp_path / "texts.npy", mmap_mode="r"),
+        data["caption_image"],
+        budget=5,
+        kmeans_backend=backend,
+    )
+    loaded = extract_prototypes(
+        data["image_embeds"], data["text_embeds"], data["caption_image"], budget=5, kmeans_backend=backend
+    )
+    np.testing.assert_array_equal(mapped.image_prototypes, loaded.image_prototypes)
+    np.testing.assert_array_equal(mapped.caption_index, loaded.caption_index)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import PIL.Image
 
 from .prototypes import Prototypes
 
@@ -42,17 +41,17 @@ def distilled_features(image_dim: int, text_dim: int) -> datasets.Features:
 
 
 def build_distilled_dataset(
-    images: Sequence[PIL.Image.Image], prototypes: Prototypes, captions: Sequence[str]
+    images: Sequence[bytes], prototypes: Prototypes, prompts: Sequence[str]
 ) -> datasets.Dataset:
     """Rows of (synthetic image, retrieved caption, prototype embeddings, provenance).
 
-    ``captions`` is the flat caption list the prototypes' ``caption_index`` points into.
+    ``images`` are PNG bytes, stored as they are; ``prompts`` the caption of each prototype.
     """
-    if len(images) != len(prototypes):
-        raise ValueError(f"Got {len(images)} images for {len(prototypes)} prototypes.")
+    if not len(images) == len(prompts) == len(prototypes):
+        raise ValueError(f"Got {len(images)} images and {len(prompts)} captions for {len(prototypes)} prototypes.")
     columns = {
-        "image": list(images),
-        "caption": [captions[index] for index in prototypes.caption_index],
+        "image": [{"bytes": png, "path": None} for png in images],
+        "caption": list(prompts),
         "text_embedding": prototypes.text_prototypes.astype(np.float32),
         "image_embedding": prototypes.image_prototypes.astype(np.float32),
         "support": prototypes.support.astype(np.int64),

@@ -14,6 +14,8 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import SINGLE_PROCESS, aligned_batches, gather_rows
+
 logger = logging.getLogger(__name__)
 
 
@@ -186,63 +188,64 @@ def embed_images(
         for batch in images:
             pixels = feature_extractor(images=[to_rgb(image) for image in batch], return_tensors="pt").pixel_values
             embeds = image_encoder(pixels.to(device=device, dtype=dtype)).image_embeds
-            chunks.append(embeds.float().cpu().numpy())
+            chunks.append(embeds.float())
             bar.update(len(batch))
     if not chunks:
-        return np.zeros((0, image_encoder.config.projection_dim), dtype=np.float32)
-    return np.concatenate(chunks)
+        return torch.zeros((0, image_encoder.config.projection_dim), device=device)
+    return torch.cat(chunks)
 
 
 @torch.no_grad()
 def embed_texts(
-    captions: list[str],
+    batches: list[list[str]],
     text_encoder,
     tokenizer,
     device: torch.device | str,
-    batch_size: int = 256,
     progress: bool = True,
-) -> np.ndarray:
-    """Projected CLIP text embeddings ``[n, d]`` (float32) of ``captions``.
+) -> torch.Tensor:
+    """Projected CLIP text embeddings ``[n, d]`` (float32, on ``device``) of batches of captions.
 
     Captions are padded to the tokenizer's full length so that a caption's embedding does not depend on
     which other captions share its batch.
     """
     chunks = []
-    with tqdm(total=len(captions), desc="Embedding captions", unit="caption", disable=not progress) as bar:
-        for start in range(0, len(captions), batch_size):
-            batch = captions[start : start + batch_size]
+    total = sum(len(batch) for batch in batches)
+    with tqdm(total=total, desc="Embedding captions", unit="caption", disable=not progress) as bar:
+        for batch in batches:
             tokens = tokenizer(
-                batch,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
+                batch, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
             )
             embeds = text_encoder(
                 input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
             ).text_embeds
-            chunks.append(embeds.float().cpu().numpy())
+            chunks.append(embeds.float())
             bar.update(len(batch))
-    return np.concatenate(chunks)
+    return torch.cat(chunks)
+
+
+def _in_batches(items: list, batch_size: int) -> list[list]:
+    return [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
 
 
 class _ImageBatches:
-    """Batches of decoded images of selected dataset rows, with a length for progress bars."""
+    """Decoded images of dataset rows, batch by batch, with a length for progress bars."""
 
-    def __init__(self, dataset, image_column: str, rows: np.ndarray, batch_size: int):
+    def __init__(self, dataset, image_column: str, batches: list[list[int]]):
         import datasets
 
         column = dataset.select_columns([image_column]).with_format(None)
         if not isinstance(column.features[image_column], datasets.Image):
             column = column.cast_column(image_column, datasets.Image())
-        self._column = column.select(rows) if len(rows) != len(dataset) else column
+        self._column = column.select([row for batch in batches for row in batch])
         self._name = image_column
-        self._batch_size = batch_size
-        self.total = len(rows)
+        self._sizes = [len(batch) for batch in batches]
+        self.total = len(self._column)
 
     def __iter__(self):
-        for batch in self._column.iter(batch_size=self._batch_size):
-            yield batch[self._name]
+        start = 0
+        for size in self._sizes:
+            yield self._column[start : start + size][self._name]
+            start += size
 
 
 def embed_dataset(
@@ -256,14 +259,26 @@ def embed_dataset(
     device: torch.device | str,
     batch_size: int = 64,
     progress: bool = True,
+    state=SINGLE_PROCESS,
 ) -> Embeddings:
-    """Embed the images of ``table.rows`` (once each) and every caption of ``table``."""
-    images = _ImageBatches(dataset, image_column, table.rows, batch_size)
-    image_embeds = embed_images(images, image_encoder, feature_extractor, device, progress)
-    text_embeds = embed_texts(table.captions, text_encoder, tokenizer, device, batch_size, progress)
+    """Embed the images of ``table.rows`` (once each) and every caption of ``table``.
+
+    Under several processes (``state``, an ``accelerate.PartialState``), each embeds a share of the batches
+    of images and of captions (the same batches as on one process), and every process gets all the
+    embeddings back, in order.
+    """
+    progress = progress and state.is_main_process
+    image_batches = [[table.rows[i] for i in batch] for batch in aligned_batches(len(table.rows), batch_size, state)]
+    image_embeds = embed_images(
+        _ImageBatches(dataset, image_column, image_batches), image_encoder, feature_extractor, device, progress
+    )
+    text_batches = [
+        [table.captions[i] for i in batch] for batch in aligned_batches(len(table.captions), batch_size, state)
+    ]
+    text_embeds = embed_texts(text_batches, text_encoder, tokenizer, device, progress)
     return Embeddings(
-        image_embeds=image_embeds,
-        text_embeds=text_embeds,
+        image_embeds=gather_rows(image_embeds, len(table.rows), state).cpu().numpy(),
+        text_embeds=gather_rows(text_embeds, len(table.captions), state).cpu().numpy(),
         caption_image=table.caption_image,
         captions=table.captions,
         rows=table.rows,
@@ -330,12 +345,14 @@ def embed_stream(
         if batch:
             yield batch
 
-    image_embeds = embed_images(image_batches(), image_encoder, feature_extractor, device, progress)
+    image_embeds = embed_images(image_batches(), image_encoder, feature_extractor, device, progress).cpu().numpy()
     if skipped:
         logger.warning("Skipped %d of %d rows with a missing image or caption.", len(skipped), len(rows) + len(skipped))
     if not rows:
         raise ValueError("No usable row is left: the stream is empty, or every row has a missing image or caption.")
-    text_embeds = embed_texts(captions, text_encoder, tokenizer, device, batch_size, progress)
+    text_embeds = (
+        embed_texts(_in_batches(captions, batch_size), text_encoder, tokenizer, device, progress).cpu().numpy()
+    )
     return Embeddings(
         image_embeds=image_embeds,
         text_embeds=text_embeds,

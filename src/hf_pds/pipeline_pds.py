@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -13,6 +14,7 @@ from datasets import IterableDataset
 from diffusers import AutoencoderKL, DiffusionPipeline, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
 from diffusers.schedulers import KarrasDiffusionSchedulers
+from tqdm.auto import tqdm
 from transformers import (
     CLIPImageProcessor,
     CLIPTextModel,
@@ -21,9 +23,12 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from .cache import EmbeddingCache, cache_key, towers_description, weights_fingerprint
 from .distilled import PDSPipelineOutput, build_distilled_dataset
+from .distributed import barrier, broadcast, gather_dicts, process_state
 from .embedding import check_columns, collect_captions, embed_dataset, embed_stream
-from .prototypes import check_budget, extract_prototypes
+from .prototypes import check_budget, extract_prototypes, resolve_kmeans_backend
+from .run_state import RunState
 from .synthesis import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NEGATIVE_PROMPT,
@@ -197,6 +202,13 @@ class PDSPipeline(DiffusionPipeline):
         batch_size: int = 8,
         embedding_batch_size: int = 64,
         skip_invalid_rows: bool = False,
+        kmeans_backend: str | None = "auto",
+        output_dir: str | os.PathLike | None = None,
+        overwrite: bool = False,
+        fresh: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+        use_cache: bool = True,
+        provenance: dict | None = None,
         return_dict: bool = True,
     ) -> PDSPipelineOutput | tuple:
         r"""
@@ -222,10 +234,26 @@ class PDSPipeline(DiffusionPipeline):
                 own generation seed.
             output_size (`int`, defaults to 224): side of the square output images (LANCZOS); None keeps the
                 decoder's size.
-            batch_size (`int`, defaults to 8): prototypes decoded at once. Images do not depend on it.
+            batch_size (`int`, defaults to 8): prototypes decoded at once on an accelerator (one at a time on a CPU,
+                where images are then bit-identical for any batch size).
             embedding_batch_size (`int`, defaults to 64): images or captions per CLIP forward pass.
             skip_invalid_rows (`bool`, defaults to `False`): leave out rows with a missing image or an empty
                 caption (with a warning) instead of raising.
+            kmeans_backend (`str`, defaults to `"auto"`): `"sklearn"` (the reference's MiniBatchKMeans), `"faiss"`
+                (faster on millions of pairs; `pip install hf-pds[faiss]`), or `"auto"`: faiss when installed. The
+                choice is logged and written into the card.
+            output_dir (`str`, *optional*): also save the distilled set there, as a Hub-layout folder, and make the
+                run resumable: images are kept as they are made in a work folder beside it, and the same call after
+                an interruption (even SIGKILL) makes only the missing ones. The folder appears when complete.
+            overwrite (`bool`, defaults to `False`): replace an existing `output_dir`.
+            fresh (`bool`, defaults to `False`): discard an interrupted run into `output_dir` instead of resuming it
+                (resuming with other arguments is refused).
+            cache_dir (`str`, *optional*): embedding cache folder; defaults to `$HF_PDS_CACHE` or
+                `~/.cache/huggingface/hf_pds/embeddings`. Distilling the same dataset again (another budget, other
+                generation settings) then runs no CLIP forward pass.
+            use_cache (`bool`, defaults to `True`): read and write the embedding cache (map-style datasets only).
+            provenance (`dict`, *optional*): entries that override the card's provenance, e.g.
+                `{"source_dataset": "org/name"}`.
             return_dict (`bool`, defaults to `True`): return a [`PDSPipelineOutput`] instead of a tuple.
 
         Returns:
@@ -242,6 +270,7 @@ class PDSPipeline(DiffusionPipeline):
             output_size,
             batch_size,
         )
+        kmeans_backend = resolve_kmeans_backend(kmeans_backend)
         check_columns(dataset, image_column, caption_column)
         table = (
             None
@@ -251,53 +280,80 @@ class PDSPipeline(DiffusionPipeline):
         check_budget(budget, table and len(table.captions), prune_ratio, n_images=table and len(table.rows))
         if generator is not None:
             seed = int(torch.randint(0, 2**32 - 1, (1,), generator=generator, device=generator.device))
-        progress = not self._progress_bar_config.get("disable", False)
-        device = self._execution_device
+        state = process_state()
+        progress = not self._progress_bar_config.get("disable", False) and state.is_main_process
+        settings = {
+            "budget": budget,
+            "prune_ratio": prune_ratio,
+            "normalize": normalize,
+            "seed": seed,
+            "kmeans_backend": kmeans_backend,
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "noise_level": noise_level,
+            "negative_prompt": negative_prompt,
+            "output_size": output_size,
+            "batch_size": batch_size,
+        }
+        run = None
+        if output_dir is not None:
+            run = self._start_run(output_dir, dataset, settings, image_column, caption_column, overwrite, fresh, state)
+        resumed = run.load_prototypes() if run is not None else None
+        logger.info("Distilling on %d process(es); k-means backend: %s.", state.num_processes, kmeans_backend)
 
-        # 2. Embed every image once and every caption with CLIP.
-        started = time.perf_counter()
-        towers = (self.image_encoder, self.feature_extractor, self.clip_text_encoder, self.clip_tokenizer, device)
-        if table is None:
-            embeddings = embed_stream(
-                dataset,
-                image_column,
-                caption_column,
-                *towers,
-                batch_size=embedding_batch_size,
-                skip_invalid_rows=skip_invalid_rows,
-                progress=progress,
+        if resumed is None:
+            # 2. Embed every image once and every caption with CLIP (or read them from the cache).
+            started = time.perf_counter()
+            cache = EmbeddingCache(cache_dir) if use_cache and table is not None else None
+            embeddings = self._embed(
+                dataset, table, image_column, caption_column, skip_invalid_rows, embedding_batch_size, cache, state
             )
             check_budget(budget, len(embeddings.captions), prune_ratio, n_images=len(embeddings.rows))
-        else:
-            embeddings = embed_dataset(
-                dataset, table, image_column, *towers, batch_size=embedding_batch_size, progress=progress
+            logger.info(
+                "Embeddings of %d images and %d captions ready in %.1f s.",
+                len(embeddings.image_embeds),
+                len(embeddings.text_embeds),
+                time.perf_counter() - started,
             )
-        logger.info(
-            "Embedded %d images and %d captions in %.1f s.",
-            len(embeddings.image_embeds),
-            len(embeddings.text_embeds),
-            time.perf_counter() - started,
-        )
 
-        # 3. Prune, cluster, match: the prototypes.
-        started = time.perf_counter()
-        prototypes = extract_prototypes(
-            embeddings.image_embeds,
-            embeddings.text_embeds,
-            embeddings.caption_image,
-            budget=budget,
-            prune_ratio=prune_ratio,
-            normalize=normalize,
-            seed=seed,
-        )
-        logger.info("Extracted %d prototypes in %.1f s.", len(prototypes), time.perf_counter() - started)
+            # 3. Prune, cluster, match: the prototypes, computed once and shared.
+            started = time.perf_counter()
+            prototypes = None
+            if state.is_main_process:
+                prototypes = extract_prototypes(
+                    embeddings.image_embeds,
+                    embeddings.text_embeds,
+                    embeddings.caption_image,
+                    budget=budget,
+                    prune_ratio=prune_ratio,
+                    normalize=normalize,
+                    seed=seed,
+                    kmeans_backend=kmeans_backend,
+                )
+            prototypes = broadcast(prototypes, state)
+            prompts = [embeddings.captions[index] for index in prototypes.caption_index]
+            sizes = {
+                "source_images": len(embeddings.image_embeds),
+                "source_captions": len(embeddings.text_embeds),
+                "skipped_rows": len(embeddings.skipped_rows),
+            }
+            if run is not None and state.is_main_process:
+                run.save_prototypes(prototypes, prompts, sizes)
+            logger.info("Extracted %d prototypes in %.1f s.", len(prototypes), time.perf_counter() - started)
+        else:
+            prototypes, prompts, sizes = resumed
+            logger.info("Resuming %s: its %d prototypes are kept.", run.folder, len(prototypes))
 
         # 4. Decode each image prototype, prompted by its retrieved caption, with its own seed.
         started = time.perf_counter()
-        prompts = [embeddings.captions[index] for index in prototypes.caption_index]
         seeds = [prototype_seed(seed, index) for index in range(len(prototypes))]
-        with self.progress_bar(total=len(prototypes)) as bar:
-            images = synthesize(
+        bar_config = {
+            "desc": "Generating images",
+            **self._progress_bar_config,
+            **({} if progress else {"disable": True}),
+        }
+        with tqdm(total=len(prototypes), **bar_config) as bar:
+            made = synthesize(
                 self.unclip_pipeline(),
                 prototypes.image_prototypes,
                 prompts,
@@ -308,32 +364,99 @@ class PDSPipeline(DiffusionPipeline):
                 negative_prompt=negative_prompt,
                 output_size=output_size,
                 batch_size=batch_size,
+                store=run.images if run is not None else None,
+                state=state,
                 progress=bar,
             )
+        images = gather_dicts(made, state)
         logger.info("Generated %d images in %.1f s.", len(images), time.perf_counter() - started)
         self.maybe_free_model_hooks()
 
-        # 5. The distilled set.
-        distilled = build_distilled_dataset(images, prototypes, embeddings.captions)
+        # 5. The distilled set; with output_dir, its folder, written by the main process.
+        distilled = build_distilled_dataset([images[index] for index in range(len(prototypes))], prototypes, prompts)
+        output = PDSPipelineOutput(
+            dataset=distilled,
+            prototypes=prototypes,
+            settings={**settings, **sizes},
+            provenance={**self.provenance(dataset), **(provenance or {})},
+        )
+        if run is not None:
+            if state.is_main_process:
+                output.save(run.output_dir, overwrite=overwrite)
+                run.finish()
+            barrier(state)
         if not return_dict:
             return distilled, prototypes
-        settings = {
-            "budget": budget,
-            "prune_ratio": prune_ratio,
-            "normalize": normalize,
-            "seed": seed,
-            "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale,
-            "noise_level": noise_level,
-            "negative_prompt": negative_prompt,
-            "output_size": output_size,
-            "source_images": len(embeddings.image_embeds),
-            "source_captions": len(embeddings.text_embeds),
-            "skipped_rows": len(embeddings.skipped_rows),
+        return output
+
+    def _start_run(self, output_dir, dataset, settings, image_column, caption_column, overwrite, fresh, state):
+        """The run state of ``output_dir``: started, or resumed when an interrupted run left one."""
+        run = RunState(output_dir)
+        if run.output_dir.exists() and not overwrite:
+            raise FileExistsError(
+                f"{run.output_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it."
+            )
+        arguments = {
+            **settings,
+            "dataset": getattr(dataset, "_fingerprint", None),
+            "image_column": image_column,
+            "caption_column": caption_column,
+            "models": self.weights_fingerprint(),
         }
-        return PDSPipelineOutput(
-            dataset=distilled, prototypes=prototypes, settings=settings, provenance=self.provenance(dataset)
+        if state.is_main_process:
+            run.start(arguments, fresh=fresh)
+        barrier(state)
+        if not state.is_main_process:
+            run.start(arguments)
+        return run
+
+    def _embed(self, dataset, table, image_column, caption_column, skip_invalid_rows, batch_size, cache, state):
+        """Step 2: embeddings from the cache, or computed (shared between processes) and cached."""
+        towers = (self.image_encoder, self.feature_extractor, self.clip_text_encoder, self.clip_tokenizer)
+        progress = not self._progress_bar_config.get("disable", False) and state.is_main_process
+        device = self._execution_device
+        if table is None:
+            # A stream is read once, by the main process.
+            embeddings = None
+            if state.is_main_process:
+                embeddings = embed_stream(
+                    dataset,
+                    image_column,
+                    caption_column,
+                    *towers,
+                    device,
+                    batch_size=batch_size,
+                    skip_invalid_rows=skip_invalid_rows,
+                    progress=progress,
+                )
+            return broadcast(embeddings, state)
+        if cache is not None:
+            description = {
+                "dataset": dataset._fingerprint,
+                "image_column": image_column,
+                "caption_column": caption_column,
+                "skip_invalid_rows": skip_invalid_rows,
+                "towers": towers_description(*towers),
+            }
+            key = cache_key(description)
+            cached = broadcast(cache.load(key) if state.is_main_process else None, state)
+            if cached is not None:
+                return cached
+        embeddings = embed_dataset(
+            dataset, table, image_column, *towers, device, batch_size=batch_size, progress=progress, state=state
         )
+        if cache is not None and state.is_main_process:
+            cache.save(key, embeddings, description)
+        return embeddings
+
+    def weights_fingerprint(self) -> str:
+        """A hash of every model component's class, config and a sample of its weights."""
+        digest = hashlib.sha256()
+        for name, component in sorted(self.components.items()):
+            if isinstance(component, torch.nn.Module):
+                digest.update(f"{name}{type(component).__name__}".encode())
+                digest.update(weights_fingerprint(component).encode())
+        return digest.hexdigest()
 
     def provenance(self, dataset: datasets.Dataset) -> dict:
         """Where a distilled set comes from: the source dataset and the models, with revisions when known."""

@@ -13,6 +13,11 @@ import numpy as np
 # The reference settings of scikit-learn's MiniBatchKMeans (PDS and LoRS code).
 KMEANS_BATCH_SIZE = 10_000
 KMEANS_N_INIT = 20
+# faiss: Lloyd iterations over every point (no subsampling), faiss's default iteration count.
+FAISS_N_ITER = 20
+KMEANS_BACKENDS = ("sklearn", "faiss")
+# Rows per block where a full [n, d] temporary would be large.
+CHUNK = 65_536
 
 
 @dataclass
@@ -89,7 +94,10 @@ def _check_embeddings(name: str, embeds: np.ndarray) -> np.ndarray:
         raise ValueError(f"{name} is empty.")
     if not np.issubdtype(embeds.dtype, np.number):
         raise ValueError(f"{name} must be numeric, got dtype {embeds.dtype}.")
-    finite = np.isfinite(embeds).all(axis=1)
+    # In chunks: a memory-mapped matrix is read, not materialised.
+    finite = np.concatenate(
+        [np.isfinite(embeds[start : start + CHUNK]).all(axis=1) for start in range(0, len(embeds), CHUNK)]
+    )
     if not finite.all():
         rows = np.flatnonzero(~finite)
         raise ValueError(f"{name} has NaN or inf values in {len(rows)} row(s), first rows: {rows[:5].tolist()}.")
@@ -101,9 +109,16 @@ def _l2_normalize(embeds: np.ndarray) -> np.ndarray:
     return embeds / np.maximum(norms, np.finfo(np.float32).tiny)
 
 
-def pair_cosine(image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity of two ``[n, d]`` arrays."""
-    return np.einsum("nd,nd->n", _l2_normalize(image_embeds), _l2_normalize(text_embeds))
+def pair_cosine(image_embeds: np.ndarray, text_embeds: np.ndarray, image_rows: np.ndarray | None = None) -> np.ndarray:
+    """Row-wise cosine similarity of ``image_embeds[image_rows]`` and ``text_embeds``, in blocks of rows
+    (``image_rows`` None: row ``i`` with row ``i``)."""
+    image_unit = _l2_normalize(np.asarray(image_embeds, dtype=np.float32))
+    cosine = np.empty(len(text_embeds), dtype=np.float32)
+    for start in range(0, len(text_embeds), CHUNK):
+        stop = start + CHUNK
+        images = image_unit[start:stop] if image_rows is None else image_unit[image_rows[start:stop]]
+        cosine[start:stop] = np.einsum("nd,nd->n", images, _l2_normalize(text_embeds[start:stop]))
+    return cosine
 
 
 def prune_pairs(cosine: np.ndarray, prune_ratio: float) -> np.ndarray:
@@ -116,18 +131,72 @@ def prune_pairs(cosine: np.ndarray, prune_ratio: float) -> np.ndarray:
     return np.sort(order[n_drop:])
 
 
-def kmeans(points: np.ndarray, n_clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster ``points`` with the reference MiniBatchKMeans settings; returns (labels, centres)."""
-    from sklearn.cluster import MiniBatchKMeans
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-    model = MiniBatchKMeans(
-        n_clusters=n_clusters,
-        batch_size=KMEANS_BATCH_SIZE,
-        n_init=KMEANS_N_INIT,
-        random_state=seed,
+
+def resolve_kmeans_backend(backend: str | None = None) -> str:
+    """``sklearn`` or ``faiss``; None / ``"auto"`` picks faiss when it is installed."""
+    if backend in (None, "auto"):
+        return "faiss" if faiss_available() else "sklearn"
+    if backend not in KMEANS_BACKENDS:
+        raise ValueError(f"kmeans_backend must be one of {KMEANS_BACKENDS} or 'auto', got {backend!r}.")
+    if backend == "faiss" and not faiss_available():
+        raise ImportError("kmeans_backend='faiss' needs faiss: pip install 'hf-pds[faiss]' (faiss-cpu or faiss-gpu).")
+    return backend
+
+
+def kmeans(
+    points: np.ndarray, n_clusters: int, seed: int, backend: str = "sklearn", weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster ``points``; returns (labels, centres).
+
+    ``sklearn`` is the reference's MiniBatchKMeans (batch 10000, ``n_init=20``). ``faiss`` starts from one
+    k-means++ seeding of a sample of up to 30000 points (the size of MiniBatchKMeans' init sample) and runs
+    ``FAISS_N_ITER`` Lloyd iterations over every point, with optional per-point ``weights`` (an image weighs
+    its number of pairs, so its row need not be repeated).
+    """
+    if backend == "sklearn":
+        from sklearn.cluster import MiniBatchKMeans
+
+        if weights is not None:
+            raise ValueError("The sklearn backend clusters repeated rows, not weighted ones.")
+        model = MiniBatchKMeans(
+            n_clusters=n_clusters, batch_size=KMEANS_BATCH_SIZE, n_init=KMEANS_N_INIT, random_state=seed
+        )
+        labels = model.fit_predict(points)
+        return labels.astype(np.int64), model.cluster_centers_.astype(np.float32)
+    import faiss
+    from sklearn.cluster import kmeans_plusplus
+
+    points = np.ascontiguousarray(points, dtype=np.float32)
+    weights = None if weights is None else np.ascontiguousarray(weights, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(
+        rng.choice(len(points), size=min(len(points), max(3 * KMEANS_BATCH_SIZE, 3 * n_clusters)), replace=False)
     )
-    labels = model.fit_predict(points)
-    return labels.astype(np.int64), model.cluster_centers_.astype(np.float32)
+    initial, _ = kmeans_plusplus(
+        points[sample],
+        n_clusters,
+        sample_weight=None if weights is None else weights[sample],
+        random_state=int(seed) % 2**32,
+    )
+    model = faiss.Kmeans(
+        points.shape[1],
+        n_clusters,
+        niter=FAISS_N_ITER,
+        seed=int(seed) % 2**31,
+        max_points_per_centroid=len(points) + 1,  # use every point: no subsampling
+        min_points_per_centroid=1,
+        verbose=False,
+    )
+    model.train(points, weights=weights, init_centroids=np.ascontiguousarray(initial, dtype=np.float32))
+    _, labels = model.index.search(points, 1)
+    return labels[:, 0].astype(np.int64), model.centroids.astype(np.float32)
 
 
 def count_table(image_labels: np.ndarray, text_labels: np.ndarray, n_clusters: int) -> np.ndarray:
@@ -144,10 +213,18 @@ def match_clusters(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return linear_sum_assignment(-table)
 
 
-def cluster_means(points: np.ndarray, labels: np.ndarray, n_clusters: int, fallback: np.ndarray) -> np.ndarray:
-    """Mean of ``points`` per label; a label with no member takes its row of ``fallback``."""
-    sums = np.zeros((n_clusters, points.shape[1]), dtype=np.float64)
-    np.add.at(sums, labels, points)
+def cluster_means(
+    points: np.ndarray, labels: np.ndarray, n_clusters: int, fallback: np.ndarray, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """Mean of ``points[rows]`` (``points`` when ``rows`` is None) per label; a label with no member takes
+    its row of ``fallback``. Repeated rows are summed through a sparse matrix, never materialised."""
+    from scipy import sparse
+
+    rows = np.arange(len(labels)) if rows is None else rows
+    members = sparse.csr_matrix(
+        (np.ones(len(labels), dtype=np.float64), (labels, rows)), shape=(n_clusters, len(points))
+    )
+    sums = members @ np.asarray(points, dtype=np.float64)
     counts = np.bincount(labels, minlength=n_clusters)
     means = fallback.astype(np.float64, copy=True)
     filled = counts > 0
@@ -178,6 +255,7 @@ def extract_prototypes(
     prune_ratio: float = 0.2,
     normalize: bool = False,
     seed: int = 42,
+    kmeans_backend: str | None = "sklearn",
 ) -> Prototypes:
     """Extract ``budget`` matched image/text prototypes (PDS steps 2-6).
 
@@ -190,13 +268,17 @@ def extract_prototypes(
             0 when the image and text embeddings have different widths (no shared space to compare them in).
         normalize: cluster L2-normalised embeddings (prototypes stay means of raw embeddings).
         seed: ``random_state`` of both k-means runs.
+        kmeans_backend: ``"sklearn"`` (the reference's MiniBatchKMeans over repeated image rows), ``"faiss"``
+            (full Lloyd iterations, each distinct image weighted by its kept captions: faster and lighter on
+            millions of pairs), or ``"auto"`` / None (faiss when installed).
 
     Returns:
         :class:`Prototypes` sorted by image-text cosine, highest first (by support when the two embeddings
         live in different spaces).
 
-    The unit is the pair: an image with five kept captions is clustered as five rows, as in the
-    reference, so that it weighs as much as its captions do.
+    The unit is the pair: an image with five kept captions weighs as much as five pairs, as in the
+    reference (which repeats its row five times; the faiss backend weights it instead). The embedding
+    matrices may be memory-mapped: they are read in blocks, and only the kept rows are copied.
     """
     # 1. Check inputs.
     image_embeds = _check_embeddings("image_embeds", image_embeds)
@@ -226,23 +308,36 @@ def extract_prototypes(
     n_pairs = len(text_embeds)
     check_budget(budget, n_pairs, prune_ratio, n_images=len(np.unique(caption_image)))
 
-    # 2. Prune the least similar pairs. A pair carries its image's embedding, as in the reference.
-    pair_images = image_embeds[caption_image]
-    kept = prune_pairs(pair_cosine(pair_images, text_embeds), prune_ratio) if prune_ratio > 0 else np.arange(n_pairs)
-    n_distinct_images = len(np.unique(caption_image[kept]))
-    if budget > n_distinct_images:
+    # 2. Prune the least similar pairs.
+    backend = resolve_kmeans_backend(kmeans_backend)
+    if prune_ratio > 0:
+        kept = prune_pairs(pair_cosine(image_embeds, text_embeds, image_rows=caption_image), prune_ratio)
+    else:
+        kept = np.arange(n_pairs)
+    kept_images = caption_image[kept]
+    distinct_images, image_of_pair, pairs_per_image = np.unique(kept_images, return_inverse=True, return_counts=True)
+    if budget > len(distinct_images):
         raise ValueError(
-            f"budget={budget} is larger than the {n_distinct_images} distinct images left after pruning; "
+            f"budget={budget} is larger than the {len(distinct_images)} distinct images left after pruning; "
             "k-means cannot make more image clusters than there are images: lower the budget or the prune_ratio."
         )
 
     # 3. Cluster each modality over the kept pairs.
-    raw_images, raw_texts = pair_images[kept], text_embeds[kept]
-    image_labels, image_centres = kmeans(_l2_normalize(raw_images) if normalize else raw_images, budget, seed)
-    text_labels, text_centres = kmeans(_l2_normalize(raw_texts) if normalize else raw_texts, budget, seed)
+    if backend == "sklearn":
+        image_points = image_embeds[kept_images]  # one row per pair, as the reference
+        image_labels, image_centres = kmeans(_l2_normalize(image_points) if normalize else image_points, budget, seed)
+    else:
+        image_points = image_embeds[distinct_images]
+        distinct_labels, image_centres = kmeans(
+            _l2_normalize(image_points) if normalize else image_points, budget, seed, backend, pairs_per_image
+        )
+        image_labels = distinct_labels[image_of_pair]
+    del image_points
+    raw_texts = text_embeds[kept]
+    text_labels, text_centres = kmeans(_l2_normalize(raw_texts) if normalize else raw_texts, budget, seed, backend)
     if normalize:
         # Centres of normalised points are not in the raw space: use raw member means instead.
-        image_centres = cluster_means(raw_images, image_labels, budget, image_centres)
+        image_centres = cluster_means(image_embeds, image_labels, budget, image_centres, rows=kept_images)
         text_centres = cluster_means(raw_texts, text_labels, budget, text_centres)
 
     # 4. Match image clusters to text clusters by overlap.
@@ -255,7 +350,11 @@ def extract_prototypes(
     prototype_of_pair = matched_cell[image_labels, text_labels]
     in_prototype = prototype_of_pair >= 0
     image_prototypes = cluster_means(
-        raw_images[in_prototype], prototype_of_pair[in_prototype], budget, image_centres[image_cluster]
+        image_embeds,
+        prototype_of_pair[in_prototype],
+        budget,
+        image_centres[image_cluster],
+        rows=kept_images[in_prototype],
     )
     text_prototypes = cluster_means(
         raw_texts[in_prototype], prototype_of_pair[in_prototype], budget, text_centres[text_cluster]
@@ -287,5 +386,6 @@ def extract_prototypes(
             "prune_ratio": float(prune_ratio),
             "normalize": bool(normalize),
             "seed": int(seed),
+            "kmeans_backend": backend,
         },
     )

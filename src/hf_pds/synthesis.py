@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
 import numpy as np
 import PIL.Image
 import torch
+
+from .distributed import SINGLE_PROCESS
 
 # The paper's generation settings (PDS, Sec. 4 and its reference code).
 DEFAULT_NUM_INFERENCE_STEPS = 100
@@ -56,6 +59,13 @@ def resize(image: PIL.Image.Image, output_size: int | None) -> PIL.Image.Image:
     return image.resize((output_size, output_size), PIL.Image.LANCZOS)
 
 
+def encode_png(image: PIL.Image.Image) -> bytes:
+    """The PNG bytes of an image: what the distilled set and the run folder store."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 @torch.no_grad()
 def synthesize(
     unclip,
@@ -70,8 +80,10 @@ def synthesize(
     output_size: int | None = DEFAULT_OUTPUT_SIZE,
     batch_size: int = 8,
     batch_invariant: bool | None = None,
+    store=None,
+    state=SINGLE_PROCESS,
     progress=None,
-) -> list[PIL.Image.Image]:
+) -> dict[int, bytes]:
     """Generate one image per row of ``image_embeds`` with a ``StableUnCLIPImg2ImgPipeline``.
 
     Args:
@@ -84,14 +96,22 @@ def synthesize(
         batch_size: prototypes decoded together, unless ``batch_invariant``.
         batch_invariant: decode one image per call, so that images are bit-identical for any
             ``batch_size``. Defaults to True on a CPU and False on an accelerator (see below).
+        store: an :class:`~hf_pds.run_state.ImageStore`: images found there are not made again, and each
+            new image is saved there as soon as its batch is done.
+        state: the ``accelerate.PartialState`` of a run on several processes; each makes its share of
+            the batches.
         progress: an object with ``update(n)`` (a tqdm bar), told after each batch.
+
+    Returns:
+        ``{prototype index: PNG bytes}`` of the images of this process's batches.
 
     Each image gets its own CPU generator, so its noise is the same whatever the batch. The arithmetic
     is another matter: batched kernels (oneDNN convolutions, small-batch GEMMs, cuBLAS) round differently
-    for different batch shapes, which can move a pixel by one level. On a CPU, where batching gains
-    little, images are therefore decoded one per call by default and are bit-identical for any
-    ``batch_size``; on an accelerator a given ``batch_size`` always gives the same images, and another one
-    may differ by one level in a few pixels.
+    for different batch shapes, which can move a pixel by one level. Batches are therefore fixed by
+    ``batch_size`` alone (prototypes ``[0, b)``, ``[b, 2b)``, ...), whichever process makes them and
+    whether or not a run is resumed. On a CPU, where batching gains little, images are by default decoded
+    one per call and are bit-identical for any ``batch_size``; on an accelerator a given ``batch_size``
+    always gives the same images, and another one may differ by one level in a few pixels.
     """
     if not (len(image_embeds) == len(prompts) == len(seeds)):
         raise ValueError(
@@ -103,24 +123,33 @@ def synthesize(
     if batch_invariant is None:
         batch_invariant = device.type == "cpu"
     images_per_call = 1 if batch_invariant else batch_size
-    images = []
-    for start in range(0, len(prompts), images_per_call):
-        stop = min(start + images_per_call, len(prompts))
-        # unCLIP neither moves nor casts image_embeds; the batch size comes from the list of prompts.
-        embeds = torch.as_tensor(np.asarray(image_embeds[start:stop]), dtype=dtype, device=device)
-        # One CPU generator per image: the noise of an image does not depend on its batch or device.
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds[start:stop]]
-        output = unclip(
-            prompt=list(prompts[start:stop]),
-            negative_prompt=None if negative_prompt is None else [negative_prompt] * (stop - start),
-            image_embeds=embeds,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            noise_level=noise_level,
-            generator=generators,
-            output_type="pil",
-        )
-        images.extend(resize(image, output_size) for image in output.images)
+    batches = [
+        range(start, min(start + images_per_call, len(prompts))) for start in range(0, len(prompts), images_per_call)
+    ]
+    made = {}
+    for batch in batches[state.process_index :: state.num_processes]:
+        stored = [store.load(index) for index in batch] if store is not None else [None]
+        if all(png is not None for png in stored):
+            made.update(zip(batch, stored, strict=True))
+        else:
+            # unCLIP neither moves nor casts image_embeds; the batch size comes from the list of prompts.
+            embeds = torch.as_tensor(np.asarray(image_embeds[batch.start : batch.stop]), dtype=dtype, device=device)
+            # One CPU generator per image: the noise of an image does not depend on its batch or device.
+            generators = [torch.Generator("cpu").manual_seed(seeds[index]) for index in batch]
+            output = unclip(
+                prompt=[prompts[index] for index in batch],
+                negative_prompt=None if negative_prompt is None else [negative_prompt] * len(batch),
+                image_embeds=embeds,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                noise_level=noise_level,
+                generator=generators,
+                output_type="pil",
+            )
+            for index, image in zip(batch, output.images, strict=True):
+                made[index] = encode_png(resize(image, output_size))
+                if store is not None:
+                    store.save(index, made[index])
         if progress is not None:
-            progress.update(stop - start)
-    return images
+            progress.update(len(batch))
+    return made

@@ -1,0 +1,89 @@
+"""Sharing the work of one distillation between processes (``accelerate launch``, ``torchrun``).
+
+Embedding and synthesis are split between processes and gathered in order; the prototypes are computed
+once and broadcast; only the main process writes. With one process every function here is a no-op.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def process_state():
+    """The ``accelerate.PartialState`` of this process.
+
+    On a machine without accelerator a plain ``PartialState()`` under ``torchrun`` reports one process, so
+    the CPU state (gloo) is asked for explicitly there.
+    """
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def aligned_batches(count: int, batch_size: int, state) -> list[list[int]]:
+    """This process's batches of ``range(count)``, padded so that every process has as many rows.
+
+    The batches are those of a single process (``[0, b)``, ``[b, 2b)``, ...): each process takes a contiguous
+    run of them, and padding comes as batches of its own (repeats of item 0). So an item is computed in the
+    same batch, with the same arithmetic, however many processes share the work, and the gathered rows line
+    up: item ``i`` sits at position ``i`` of the concatenation, padding after the last real item.
+    """
+    batches = [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+    per_process = max(1, math.ceil(len(batches) / state.num_processes))
+    mine = batches[state.process_index * per_process : (state.process_index + 1) * per_process]
+    if state.num_processes == 1:
+        return mine
+    missing = per_process * batch_size - sum(len(batch) for batch in mine)
+    while missing > 0:
+        mine.append([0] * min(batch_size, missing))
+        missing -= batch_size
+    return mine
+
+
+def gather_rows(rows, count: int, state):
+    """Concatenate every process's rows (of :func:`aligned_batches`) in process order; drop the padding."""
+    if state.num_processes == 1:
+        return rows[:count]
+    from accelerate.utils import gather
+
+    return gather(rows.contiguous())[:count]
+
+
+def broadcast(value, state):
+    """The main process's ``value``, on every process."""
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    holder = [value if state.is_main_process else None]
+    broadcast_object_list(holder, from_process=0)
+    return holder[0]
+
+
+def gather_dicts(part: dict, state) -> dict:
+    """The union of every process's ``part``."""
+    if state.num_processes == 1:
+        return part
+    from accelerate.utils import gather_object
+
+    merged = {}
+    for piece in gather_object([part]):
+        merged.update(piece)
+    return merged
+
+
+def barrier(state) -> None:
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+
+
+class _SingleProcess:
+    """Stands for the state of a run on one process, without initialising accelerate."""
+
+    num_processes = 1
+    process_index = 0
+    is_main_process = True
+
+
+SINGLE_PROCESS = _SingleProcess()
