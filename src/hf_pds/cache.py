@@ -77,7 +77,14 @@ def _config_dict(component) -> dict:
 def towers_description(image_encoder, feature_extractor, text_encoder, tokenizer) -> dict:
     """What of the CLIP towers and their pre-processing changes the embeddings."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocabulary = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is not None:
+        # Padding and truncation settings are state that each call of the tokenizer changes: leave them out.
+        rules = {
+            key: value for key, value in json.loads(backend.to_str()).items() if key not in ("padding", "truncation")
+        }
+        vocabulary = json.dumps(rules, sort_keys=True)
+    else:
+        vocabulary = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return {
         "image_encoder": {
             "class": type(image_encoder).__name__,

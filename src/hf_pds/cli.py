@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     method.add_argument("--prune-ratio", type=float, default=0.2, help="fraction of pairs pruned (default: 0.2)")
     method.add_argument("--normalize", action="store_true", help="cluster L2-normalised embeddings")
     method.add_argument("--seed", type=int, default=42, help="run seed (default: 42)")
+    method.add_argument(
+        "--kmeans-backend",
+        choices=("auto", "sklearn", "faiss"),
+        default="auto",
+        help="k-means: sklearn (the reference's MiniBatchKMeans) or faiss (faster); auto: faiss when installed",
+    )
     generation = distill.add_argument_group("generation")
     generation.add_argument(
         "--pipeline",
@@ -71,8 +77,20 @@ def _parser() -> argparse.ArgumentParser:
         choices=("float16", "bfloat16", "float32"),
         help="model dtype (default: float16 on cuda, else float32)",
     )
-    runtime.add_argument("--output", help=f"output folder (default: {DEMO_OUTPUT} for the demo)")
+    runtime.add_argument(
+        "--output",
+        help=f"output folder (default: {DEMO_OUTPUT} for the demo). A run that stops is resumed by the same "
+        "command: finished images are kept in .OUTPUT.pds-run beside it until the folder is written",
+    )
     runtime.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    runtime.add_argument(
+        "--fresh", action="store_true", help="discard an interrupted run into --output instead of resuming it"
+    )
+    runtime.add_argument(
+        "--cache-dir",
+        help="embedding cache (default: $HF_PDS_CACHE or ~/.cache/huggingface/hf_pds/embeddings)",
+    )
+    runtime.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
 
     push = commands.add_parser(
         "push",
@@ -111,6 +129,8 @@ def load_source_dataset(name: str, split: str, streaming: bool = False):
 def _distill(args: argparse.Namespace) -> Path:
     import torch
 
+    from .distributed import process_state
+
     demo = args.dataset is None
     defaults = DEMO_SETTINGS if demo else DEFAULT_SETTINGS
     budget = args.budget if args.budget is not None else defaults["budget"]
@@ -120,23 +140,33 @@ def _distill(args: argparse.Namespace) -> Path:
     output = Path(args.output or DEMO_OUTPUT)
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"{output} already exists; pass --overwrite to replace it.")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    state = process_state()
+    say = print if state.is_main_process else (lambda *_: None)
+    if state.num_processes > 1:
+        say(f"processes: {state.num_processes}")
+    device = args.device or (str(state.device) if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
 
     if demo:
         from .testing import digits_dataset
 
-        print("No --dataset given: distilling the embedded digits demo (1797 scans, 3 captions each).")
+        say("No --dataset given: distilling the embedded digits demo (1797 scans, 3 captions each).")
         dataset = digits_dataset()
+        provenance = {"source_dataset": "scikit-learn digits (embedded demo)", "source_license": "bsd-3-clause"}
     else:
         dataset = load_source_dataset(args.dataset, args.split, args.streaming)
+        provenance = {"source_dataset": args.dataset, "source_split": args.split}
 
     from .pipeline_pds import DEFAULT_CHECKPOINT, PDSPipeline
 
     if demo and args.pipeline is None:
         from .testing import tiny_pds_pipeline
 
-        print("Using the tiny pipeline with random weights: the images show the mechanics, not quality.")
+        say("Using the tiny pipeline with random weights: the images show the mechanics, not quality.")
+        provenance["notes"] = [
+            "Made by the offline demo with tiny, randomly initialised models: the images are noise. "
+            "They show the mechanics of PDS, not its quality."
+        ]
         pipeline = tiny_pds_pipeline()
         if dtype != torch.float32:
             pipeline = pipeline.to(dtype=dtype)
@@ -145,7 +175,7 @@ def _distill(args: argparse.Namespace) -> Path:
             args.pipeline or DEFAULT_CHECKPOINT, clip_model_name_or_path=args.clip_model, dtype=dtype
         )
     pipeline = pipeline.to(device)
-    pipeline.set_progress_bar_config(disable=False, desc="Generating images")
+    pipeline.set_progress_bar_config(disable=False)
 
     started = time.perf_counter()
     result = pipeline(
@@ -163,22 +193,20 @@ def _distill(args: argparse.Namespace) -> Path:
         output_size=args.output_size,
         batch_size=args.batch_size,
         skip_invalid_rows=args.skip_invalid_rows,
+        kmeans_backend=args.kmeans_backend,
+        output_dir=output,
+        overwrite=args.overwrite,
+        fresh=args.fresh,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+        provenance=provenance,
     )
-    if demo:
-        result.provenance.update(source_dataset="scikit-learn digits (embedded demo)", source_license="bsd-3-clause")
-        if args.pipeline is None:
-            result.provenance.setdefault("notes", []).append(
-                "Made by the offline demo with tiny, randomly initialised models: the images are noise. "
-                "They show the mechanics of PDS, not its quality."
-            )
-    else:
-        result.provenance.update(source_dataset=args.dataset, source_split=args.split)
-    folder = result.save(output, overwrite=args.overwrite)
-    print(
+    say(
         f"Distilled {result.settings['source_captions']} pairs ({result.settings['source_images']} images) into "
         f"{len(result.dataset)} synthetic pairs in {time.perf_counter() - started:.1f} s."
     )
-    print(f"Saved to {folder}  (load it with datasets.load_dataset({str(folder)!r}))")
+    folder = output.resolve()
+    say(f"Saved to {folder}  (load it with datasets.load_dataset({str(folder)!r}))")
     return folder
 
 
@@ -209,7 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileExistsError, FileNotFoundError, ConnectionError, PermissionError) as error:
         print(f"hf-pds {args.command}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Leave a torchrun / accelerate process group cleanly: gloo aborts at exit otherwise."""
+    if "torch" not in sys.modules:  # nothing was distributed (e.g. hf-pds push)
+        return
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -342,7 +342,12 @@ class PDSPipeline(DiffusionPipeline):
             logger.info("Extracted %d prototypes in %.1f s.", len(prototypes), time.perf_counter() - started)
         else:
             prototypes, prompts, sizes = resumed
-            logger.info("Resuming %s: its %d prototypes are kept.", run.folder, len(prototypes))
+            logger.info(
+                "Resuming %s: its %d prototypes and %d finished images are kept.",
+                run.folder,
+                len(prototypes),
+                run.images.count(),
+            )
 
         # 4. Decode each image prototype, prompted by its retrieved caption, with its own seed.
         started = time.perf_counter()

@@ -64,6 +64,10 @@ class ImageStore:
     def save(self, index: int, png: bytes) -> None:
         _write_atomically(self.path(index), png)
 
+    def count(self) -> int:
+        """How many images are stored (readable or not)."""
+        return len(list(self.folder.glob("*.png")))
+
 
 class RunState:
     """The work folder of a run writing to ``output_dir``."""
