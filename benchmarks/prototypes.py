@@ -1,8 +1,8 @@
 """Benchmark of the prototype stage (PDS steps 2-6): hf-pds against the reference algorithm.
 
 The embeddings are synthetic, with the shapes of Flickr30k (29k images x 5 captions) and COCO (113k x 5),
-d=768, and a cluster structure: each image belongs to one of a few thousand concepts, its captions lie near
-the concept's text centre, and a few captions belong to another concept. Each run happens in a fresh
+d=768, and a cluster structure: each image belongs to one of n_images / 10 concepts, its captions lie near
+the concept's text centre, and 10% of the captions belong to another concept. Each run happens in a fresh
 process that reads the embeddings memory-mapped, so that its wall time and peak memory (max RSS) are its
 own. The methods:
 
@@ -33,18 +33,19 @@ from pathlib import Path
 
 import numpy as np
 
-SHAPES = {"flickr30k": (29_000, 5), "coco": (113_287, 5), "small": (2_000, 5)}  # small: a quick check
+SHAPES = {"flickr30k": (29_000, 5), "coco": (113_287, 5), "small": (5_000, 5)}  # small: a quick check
 DIM = 768
-N_CONCEPTS = 3_000
+IMAGES_PER_CONCEPT = 10
 METHODS = ("reference", "sklearn", "faiss")
 
 
 def make_embeddings(n_images: int, captions_per_image: int, folder: Path, seed: int = 0) -> None:
     """Write image_embeds.npy, text_embeds.npy and caption_image.npy with a planted concept structure."""
     rng = np.random.default_rng(seed)
-    image_centres = rng.normal(size=(N_CONCEPTS, DIM)).astype(np.float32)
-    text_centres = (0.6 * image_centres + 0.8 * rng.normal(size=(N_CONCEPTS, DIM))).astype(np.float32)
-    concept = rng.integers(0, N_CONCEPTS, n_images)
+    n_concepts = n_images // IMAGES_PER_CONCEPT
+    image_centres = rng.normal(size=(n_concepts, DIM)).astype(np.float32)
+    text_centres = (0.6 * image_centres + 0.8 * rng.normal(size=(n_concepts, DIM))).astype(np.float32)
+    concept = rng.integers(0, n_concepts, n_images)
     images = np.lib.format.open_memmap(folder / "image_embeds.npy", mode="w+", dtype=np.float32, shape=(n_images, DIM))
     for start in range(0, n_images, 10_000):
         stop = min(start + 10_000, n_images)
@@ -53,7 +54,7 @@ def make_embeddings(n_images: int, captions_per_image: int, folder: Path, seed: 
     caption_image = np.repeat(np.arange(n_images), captions_per_image)
     caption_concept = concept[caption_image].copy()
     wrong = rng.random(len(caption_image)) < 0.1
-    caption_concept[wrong] = rng.integers(0, N_CONCEPTS, int(wrong.sum()))
+    caption_concept[wrong] = rng.integers(0, n_concepts, int(wrong.sum()))
     texts = np.lib.format.open_memmap(
         folder / "text_embeds.npy", mode="w+", dtype=np.float32, shape=(len(caption_image), DIM)
     )

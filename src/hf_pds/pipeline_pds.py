@@ -281,7 +281,6 @@ class PDSPipeline(DiffusionPipeline):
         if generator is not None:
             seed = int(torch.randint(0, 2**32 - 1, (1,), generator=generator, device=generator.device))
         state = process_state()
-        progress = not self._progress_bar_config.get("disable", False) and state.is_main_process
         settings = {
             "budget": budget,
             "prune_ratio": prune_ratio,
@@ -308,7 +307,8 @@ class PDSPipeline(DiffusionPipeline):
             embeddings = self._embed(
                 dataset, table, image_column, caption_column, skip_invalid_rows, embedding_batch_size, cache, state
             )
-            check_budget(budget, len(embeddings.captions), prune_ratio, n_images=len(embeddings.rows))
+            if table is None:  # a stream's size is known only now
+                check_budget(budget, len(embeddings.captions), prune_ratio, n_images=len(embeddings.rows))
             logger.info(
                 "Embeddings of %d images and %d captions ready in %.1f s.",
                 len(embeddings.image_embeds),
@@ -355,7 +355,7 @@ class PDSPipeline(DiffusionPipeline):
         bar_config = {
             "desc": "Generating images",
             **self._progress_bar_config,
-            **({} if progress else {"disable": True}),
+            **({} if self._shows_progress(state) else {"disable": True}),
         }
         with tqdm(total=len(prototypes), **bar_config) as bar:
             made = synthesize(
@@ -418,7 +418,7 @@ class PDSPipeline(DiffusionPipeline):
     def _embed(self, dataset, table, image_column, caption_column, skip_invalid_rows, batch_size, cache, state):
         """Step 2: embeddings from the cache, or computed (shared between processes) and cached."""
         towers = (self.image_encoder, self.feature_extractor, self.clip_text_encoder, self.clip_tokenizer)
-        progress = not self._progress_bar_config.get("disable", False) and state.is_main_process
+        progress = self._shows_progress(state)
         device = self._execution_device
         if table is None:
             # A stream is read once, by the main process.
@@ -453,6 +453,10 @@ class PDSPipeline(DiffusionPipeline):
         if cache is not None and state.is_main_process:
             cache.save(key, embeddings, description)
         return embeddings
+
+    def _shows_progress(self, state) -> bool:
+        """Progress bars: as configured, and from the main process only."""
+        return not self._progress_bar_config.get("disable", False) and state.is_main_process
 
     def weights_fingerprint(self) -> str:
         """A hash of every model component's class, config and a sample of its weights."""
