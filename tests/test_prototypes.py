@@ -9,7 +9,7 @@ from hf_pds.prototypes import count_table, kmeans, match_clusters, pair_cosine, 
 DIM = 16
 
 
-@pytest.fixture(params=["sklearn", "faiss"])
+@pytest.fixture(params=["sklearn", "fast", "faiss"])
 def backend(request):
     return request.param
 
@@ -177,10 +177,18 @@ def empty_intersection_data():
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-def test_empty_intersection_falls_back_to_cluster_centres(normalize):
+@pytest.mark.parametrize("backend", ["sklearn", "fast"])
+def test_empty_intersection_falls_back_to_cluster_centres(normalize, backend):
     image_embeds, text_embeds, caption_image = empty_intersection_data()
     protos = extract_prototypes(
-        image_embeds, text_embeds, caption_image, budget=3, prune_ratio=0.0, normalize=normalize, seed=42
+        image_embeds,
+        text_embeds,
+        caption_image,
+        budget=3,
+        prune_ratio=0.0,
+        normalize=normalize,
+        seed=42,
+        kmeans_backend=backend,
     )
     assert np.isfinite(protos.image_prototypes).all() and np.isfinite(protos.text_prototypes).all()
     assert np.isfinite(protos.similarity).all()
@@ -192,8 +200,8 @@ def test_empty_intersection_falls_back_to_cluster_centres(normalize):
         image_centres, text_centres = image_embeds[:2], text_embeds[4:]
     else:
         # The k-means centres themselves (MiniBatchKMeans' running estimates), as in the reference.
-        image_centres = kmeans(image_embeds[caption_image], 3, 42)[1]
-        text_centres = kmeans(text_embeds, 3, 42)[1]
+        image_centres = kmeans(image_embeds[caption_image], 3, 42, backend)[1]
+        text_centres = kmeans(text_embeds, 3, 42, backend)[1]
     assert any(np.allclose(protos.image_prototypes[empty], row, atol=1e-5) for row in image_centres)
     assert any(np.allclose(protos.text_prototypes[empty], row, atol=1e-5) for row in text_centres)
 
@@ -324,18 +332,18 @@ def test_encoders_of_different_widths_need_no_pruning_and_sort_by_support(backen
 
 
 def test_faiss_weights_an_image_by_its_pairs():
-    """Images at 0, 1, 5 and 6.2 on a line, K=3. Image 0 has 10 captions: as 10 pairs, merging it with image 1
-    costs 10/11 > 0.72 (merging 5 and 6.2), so k-means over pairs keeps 0 and 1 apart."""
-    image_embeds = np.zeros((4, 4), dtype=np.float32)
-    image_embeds[:, 0] = [0.0, 1.0, 5.0, 6.2]
-    caption_image = np.array([0] * 10 + [1, 2, 3])
-    text_embeds = np.zeros((13, 4), dtype=np.float32)
-    text_embeds[:, 1] = [0.0] * 10 + [10.0, 20.0, 21.0]
-    protos = extract_prototypes(
-        image_embeds, text_embeds, caption_image, budget=3, prune_ratio=0.0, kmeans_backend="faiss"
-    )
-    got = {(round(float(p[0]), 3), int(s)) for p, s in zip(protos.image_prototypes, protos.support, strict=True)}
-    assert got == {(0.0, 10), (1.0, 1), (5.6, 2)}
+    """A weighted image pulls its centre as its repeated rows would: centres are weighted means."""
+    rng = np.random.default_rng(3)
+    points = np.concatenate([rng.normal(size=(5, 4)), 100 + rng.normal(size=(6, 4))]).astype(np.float32)
+    weights = np.array([10, 1, 1, 1, 1, 1, 2, 3, 1, 1, 7], dtype=np.float32)
+    labels, centres = kmeans(points, 2, seed=0, backend="faiss", weights=weights)
+    assert sorted(np.bincount(labels).tolist()) == [5, 6]
+    for label in range(2):
+        members = labels == label
+        np.testing.assert_allclose(
+            centres[label], np.average(points[members], axis=0, weights=weights[members]), rtol=1e-4, atol=1e-4
+        )
+        assert not np.allclose(centres[label], points[members].mean(axis=0), atol=1e-2)
 
 
 def test_backend_choice_is_checked():
@@ -344,9 +352,10 @@ def test_backend_choice_is_checked():
         extract_prototypes(
             data["image_embeds"], data["text_embeds"], data["caption_image"], budget=5, kmeans_backend="x"
         )
-    from hf_pds.prototypes import resolve_kmeans_backend
+    from hf_pds.prototypes import FAISS_FROM_PAIRS, resolve_kmeans_backend
 
-    assert resolve_kmeans_backend("auto") == "faiss"  # installed in the test environment
+    assert resolve_kmeans_backend("auto", n_pairs=1000) == "fast"
+    assert resolve_kmeans_backend("auto", n_pairs=FAISS_FROM_PAIRS) == "faiss"  # installed in the test environment
 
 
 def test_memory_mapped_embeddings_give_the_same_prototypes(tmp_path, backend):
@@ -365,3 +374,15 @@ def test_memory_mapped_embeddings_give_the_same_prototypes(tmp_path, backend):
     )
     np.testing.assert_array_equal(mapped.image_prototypes, loaded.image_prototypes)
     np.testing.assert_array_equal(mapped.caption_index, loaded.caption_index)
+
+
+def test_fast_seeding_is_k_means_plus_plus():
+    """Each seeding picks distinct points, spread over well-separated groups (one centre per group)."""
+    from hf_pds.prototypes import kmeans_plusplus
+
+    rng = np.random.default_rng(0)
+    groups = rng.normal(size=(6, 8)) * 50
+    points = (np.repeat(groups, 40, axis=0) + rng.normal(size=(240, 8))).astype(np.float32)
+    centres = kmeans_plusplus(points, 6, np.random.default_rng(1))
+    nearest_group = np.linalg.norm(centres[:, None] - groups[None], axis=2).argmin(axis=1)
+    assert sorted(nearest_group.tolist()) == [0, 1, 2, 3, 4, 5]
