@@ -26,7 +26,7 @@ import torch
 
 def real_components(seed: int = 0) -> dict:
     """The stable-diffusion-2-1-unclip-small architecture with random weights (values from DESIGN.md)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
     from transformers import (
         CLIPImageProcessor,
@@ -37,7 +37,7 @@ def real_components(seed: int = 0) -> dict:
         CLIPVisionModelWithProjection,
     )
 
-    from hf_pds.testing import tiny_clip_tokenizer
+    from hf_pds.testing import tiny_clip_tokenizer, unclip_scheduler
 
     torch.manual_seed(seed)
     tokenizer = tiny_clip_tokenizer()
@@ -71,14 +71,7 @@ def real_components(seed: int = 0) -> dict:
             class_embed_type="projection",
             projection_class_embeddings_input_dim=1536,
         ),
-        "scheduler": DDIMScheduler(
-            beta_schedule="scaled_linear",
-            beta_start=0.00085,
-            beta_end=0.012,
-            prediction_type="v_prediction",
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ),
+        "scheduler": unclip_scheduler(),
         "vae": AutoencoderKL(
             block_out_channels=(128, 256, 512, 512),
             down_block_types=("DownEncoderBlock2D",) * 4,

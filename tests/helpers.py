@@ -5,6 +5,8 @@ import numpy as np
 import PIL.Image
 
 IMAGE_MODES = ("RGB", "L", "P", "RGBA", "CMYK", "LA", "I;16")
+# Generation settings that keep a tiny-pipeline run under a second.
+FAST = {"num_inference_steps": 2, "output_size": 40}
 
 
 def mixed_image(index: int, rng: np.random.Generator) -> PIL.Image.Image:

@@ -8,22 +8,10 @@ import PIL.Image
 import pytest
 import torch
 
-from helpers import mixed_dataset
+from helpers import FAST
 from hf_pds import PDSPipeline, PDSPipelineOutput, Prototypes
 from hf_pds.distilled import COLUMNS
-from hf_pds.testing import tiny_pds_components, tiny_pds_pipeline
-
-FAST = {"num_inference_steps": 2, "output_size": 40}
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pds_pipeline(seed=0)
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    return mixed_dataset(10)
+from hf_pds.testing import tiny_pds_components
 
 
 @pytest.fixture(scope="module")

@@ -12,20 +12,8 @@ import datasets
 import numpy as np
 import pytest
 
-from helpers import mixed_dataset
+from helpers import FAST, mixed_dataset
 from hf_pds.testing import tiny_pds_pipeline
-
-FAST = {"num_inference_steps": 2, "output_size": 40}
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pds_pipeline(seed=0)
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    return mixed_dataset(10)
 
 
 def count_clip_calls(pipe):

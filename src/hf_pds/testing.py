@@ -74,9 +74,23 @@ def tiny_clip_tokenizer():
         return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
 
 
+def unclip_scheduler():
+    """The denoising scheduler of stable-diffusion-2-1-unclip(-small): DDIM, v-prediction."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="v_prediction",
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
 def tiny_pds_components(seed: int = 0) -> dict:
     """The components of a tiny :class:`PDSPipeline`, with weights drawn from ``torch.manual_seed(seed)``."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
         StableUnCLIPImageNormalizer,
     )
@@ -157,14 +171,7 @@ def tiny_pds_components(seed: int = 0) -> dict:
         "tokenizer": tokenizer,
         "text_encoder": text_encoder,
         "unet": unet,
-        "scheduler": DDIMScheduler(
-            beta_schedule="scaled_linear",
-            beta_start=0.00085,
-            beta_end=0.012,
-            prediction_type="v_prediction",
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ),
+        "scheduler": unclip_scheduler(),
         "vae": vae,
         "clip_tokenizer": tiny_clip_tokenizer(),
         "clip_text_encoder": clip_text_encoder,
