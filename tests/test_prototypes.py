@@ -280,19 +280,36 @@ def test_budget_above_images_left_after_pruning_is_refused():
         extract_prototypes(image_embeds, text_embeds, caption_image, budget=4, prune_ratio=0.15)
 
 
-def test_k_means_clusters_pairs_with_the_image_repeated_per_caption(monkeypatch):
+def test_k_means_counts_an_image_once_per_caption(monkeypatch, backend):
+    """sklearn and fast cluster one row per pair, as the reference; faiss weights each image by its pairs."""
     import hf_pds.prototypes as module
 
     seen = []
     real_kmeans = module.kmeans
-    monkeypatch.setattr(
-        module, "kmeans", lambda points, *args: seen.append(points.copy()) or real_kmeans(points, *args)
-    )
+
+    def recording_kmeans(points, n_clusters, seed, used_backend="sklearn", weights=None):
+        seen.append((points.copy(), weights))
+        return real_kmeans(points, n_clusters, seed, used_backend, weights)
+
+    monkeypatch.setattr(module, "kmeans", recording_kmeans)
     data = planted_concepts(captions_per_image=2)
-    extract_prototypes(data["image_embeds"], data["text_embeds"], data["caption_image"], budget=5, prune_ratio=0.0)
-    image_points, text_points = seen
-    np.testing.assert_array_equal(image_points, data["image_embeds"][data["caption_image"]])
+    extract_prototypes(
+        data["image_embeds"],
+        data["text_embeds"],
+        data["caption_image"],
+        budget=5,
+        prune_ratio=0.0,
+        kmeans_backend=backend,
+    )
+    (image_points, image_weights), (text_points, text_weights) = seen
+    if backend == "faiss":
+        np.testing.assert_array_equal(image_points, data["image_embeds"])
+        np.testing.assert_array_equal(image_weights, np.full(len(data["image_embeds"]), 2))
+    else:
+        np.testing.assert_array_equal(image_points, data["image_embeds"][data["caption_image"]])
+        assert image_weights is None
     np.testing.assert_array_equal(text_points, data["text_embeds"])
+    assert text_weights is None
 
 
 def test_prototypes_average_over_pairs_not_images(backend):
@@ -346,16 +363,19 @@ def test_faiss_weights_an_image_by_its_pairs():
         assert not np.allclose(centres[label], points[members].mean(axis=0), atol=1e-2)
 
 
-def test_backend_choice_is_checked():
+def test_backend_choice_is_checked(monkeypatch):
     data = planted_concepts()
     with pytest.raises(ValueError, match="kmeans_backend must be one of"):
         extract_prototypes(
             data["image_embeds"], data["text_embeds"], data["caption_image"], budget=5, kmeans_backend="x"
         )
-    from hf_pds.prototypes import FAISS_FROM_PAIRS, resolve_kmeans_backend
+    import hf_pds.prototypes as module
 
-    assert resolve_kmeans_backend("auto", n_pairs=1000) == "fast"
-    assert resolve_kmeans_backend("auto", n_pairs=FAISS_FROM_PAIRS) == "faiss"  # installed in the test environment
+    assert module.resolve_kmeans_backend("auto") == "faiss"  # installed in the test environment
+    monkeypatch.setattr(module, "faiss_available", lambda: False)
+    assert module.resolve_kmeans_backend(None) == "fast"
+    with pytest.raises(ImportError, match=r"pip install 'hf-pds\[faiss\]'"):
+        module.resolve_kmeans_backend("faiss")
 
 
 def test_memory_mapped_embeddings_give_the_same_prototypes(tmp_path, backend):

@@ -216,4 +216,4 @@ def test_two_processes_give_the_same_distilled_set_as_one(saved_inputs, tmp_path
     assert "terminate called" not in output
     assert folder_bytes(tmp_path / "two") == folder_bytes(tmp_path / "one")
     card = (tmp_path / "two" / "README.md").read_text()
-    assert "| `kmeans_backend` | `sklearn` |" in card  # the backend is named in the card
+    assert "| `kmeans_backend` | `faiss` |" in card  # the backend "auto" chose is named in the card

@@ -47,9 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     method.add_argument(
         "--kmeans-backend",
         choices=("auto", "sklearn", "fast", "faiss"),
-        default="sklearn",
+        default="auto",
         help="k-means: sklearn (the reference's MiniBatchKMeans call), fast (the same, seeded faster), faiss "
-        "(Lloyd, for millions of pairs); auto: fast, or faiss from 2M pairs on when installed (default: sklearn)",
+        "(Lloyd); auto (the default): faiss when installed, else fast",
     )
     generation = distill.add_argument_group("generation")
     generation.add_argument(

@@ -202,7 +202,7 @@ class PDSPipeline(DiffusionPipeline):
         batch_size: int = 8,
         embedding_batch_size: int = 64,
         skip_invalid_rows: bool = False,
-        kmeans_backend: str | None = "sklearn",
+        kmeans_backend: str | None = "auto",
         output_dir: str | os.PathLike | None = None,
         overwrite: bool = False,
         fresh: bool = False,
@@ -239,10 +239,10 @@ class PDSPipeline(DiffusionPipeline):
             embedding_batch_size (`int`, defaults to 64): images or captions per CLIP forward pass.
             skip_invalid_rows (`bool`, defaults to `False`): leave out rows with a missing image or an empty
                 caption (with a warning) instead of raising.
-            kmeans_backend (`str`, defaults to `"sklearn"`): `"sklearn"` (the reference's MiniBatchKMeans call),
-                `"fast"` (the same MiniBatchKMeans with a faster k-means++ seeding), `"faiss"` (Lloyd iterations, for
-                millions of pairs; `pip install hf-pds[faiss]`), or `"auto"`: `fast`, or `faiss` from 2M pairs on
-                when installed. The choice is logged and written into the card.
+            kmeans_backend (`str`, defaults to `"auto"`): `"sklearn"` (the reference's MiniBatchKMeans call),
+                `"fast"` (the same MiniBatchKMeans with a faster k-means++ seeding), `"faiss"` (Lloyd iterations;
+                `pip install hf-pds[faiss]`), or `"auto"`: faiss when installed, else fast. The choice is logged
+                and written into the card.
             output_dir (`str`, *optional*): also save the distilled set there, as a Hub-layout folder, and make the
                 run resumable: images are kept as they are made in a work folder beside it, and the same call after
                 an interruption (even SIGKILL) makes only the missing ones. The folder appears when complete.
@@ -277,7 +277,7 @@ class PDSPipeline(DiffusionPipeline):
             if isinstance(dataset, IterableDataset)
             else collect_captions(dataset, image_column, caption_column, skip_invalid_rows)
         )
-        kmeans_backend = resolve_kmeans_backend(kmeans_backend, table and len(table.captions))
+        kmeans_backend = resolve_kmeans_backend(kmeans_backend)
         check_budget(budget, table and len(table.captions), prune_ratio, n_images=table and len(table.rows))
         if generator is not None:
             seed = int(torch.randint(0, 2**32 - 1, (1,), generator=generator, device=generator.device))

@@ -16,8 +16,6 @@ KMEANS_N_INIT = 20
 # faiss: Lloyd iterations over every point (no subsampling), faiss's default iteration count.
 FAISS_N_ITER = 20
 KMEANS_BACKENDS = ("sklearn", "fast", "faiss")
-# "auto" takes faiss (when installed) from this many pairs on, where repeated image rows get heavy.
-FAISS_FROM_PAIRS = 2_000_000
 # Rows per block where a full [n, d] temporary would be large.
 CHUNK = 65_536
 
@@ -141,12 +139,11 @@ def faiss_available() -> bool:
     return True
 
 
-def resolve_kmeans_backend(backend: str | None = None, n_pairs: int | None = None) -> str:
-    """``sklearn``, ``fast`` or ``faiss``. None / ``"auto"``: ``fast``, or ``faiss`` from
-    ``FAISS_FROM_PAIRS`` pairs on when it is installed."""
+def resolve_kmeans_backend(backend: str | None = None) -> str:
+    """``sklearn``, ``fast`` or ``faiss``; None / ``"auto"``: ``faiss`` when it is installed, else ``fast``
+    (docs/performance.md has the measurements behind this order)."""
     if backend in (None, "auto"):
-        many = n_pairs is not None and n_pairs >= FAISS_FROM_PAIRS
-        return "faiss" if many and faiss_available() else "fast"
+        return "faiss" if faiss_available() else "fast"
     if backend not in KMEANS_BACKENDS:
         raise ValueError(f"kmeans_backend must be one of {KMEANS_BACKENDS} or 'auto', got {backend!r}.")
     if backend == "faiss" and not faiss_available():
@@ -302,7 +299,7 @@ def extract_prototypes(
     prune_ratio: float = 0.2,
     normalize: bool = False,
     seed: int = 42,
-    kmeans_backend: str | None = "sklearn",
+    kmeans_backend: str | None = "auto",
 ) -> Prototypes:
     """Extract ``budget`` matched image/text prototypes (PDS steps 2-6).
 
@@ -317,8 +314,8 @@ def extract_prototypes(
         seed: ``random_state`` of both k-means runs.
         kmeans_backend: ``"sklearn"`` (the reference's MiniBatchKMeans call, over repeated image rows),
             ``"fast"`` (the same MiniBatchKMeans, seeded by hf-pds's faster k-means++), ``"faiss"`` (Lloyd
-            iterations, each distinct image weighted by its kept captions: for millions of pairs), or
-            ``"auto"`` / None: ``fast``, or ``faiss`` from 2M pairs on when it is installed. See :func:`kmeans`.
+            iterations, each distinct image weighted by its kept captions), or ``"auto"`` / None: faiss when it
+            is installed, else ``fast``. See :func:`kmeans` and docs/performance.md.
 
     Returns:
         :class:`Prototypes` sorted by image-text cosine, highest first (by support when the two embeddings
@@ -357,7 +354,7 @@ def extract_prototypes(
     check_budget(budget, n_pairs, prune_ratio, n_images=len(np.unique(caption_image)))
 
     # 2. Prune the least similar pairs.
-    backend = resolve_kmeans_backend(kmeans_backend, n_pairs)
+    backend = resolve_kmeans_backend(kmeans_backend)
     if prune_ratio > 0:
         kept = prune_pairs(pair_cosine(image_embeds, text_embeds, image_rows=caption_image), prune_ratio)
     else:
