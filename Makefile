@@ -5,7 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install distill test lint
+EMOJI := .cache/emoji/node_modules/emoji-datasource-google/emoji.json
+
+.PHONY: install distill test lint benchmark-emoji
 
 install: $(INSTALLED)
 
@@ -21,5 +23,12 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# The emoji images of the offline evaluation benchmark ship in npm packages.
+$(EMOJI):
+	npm install --prefix .cache/emoji --no-audit --no-fund emoji-datasource-google@16.0.0 emoji-datasource-twitter@16.0.0
+
+test: lint $(EMOJI)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+benchmark-emoji: $(INSTALLED) $(EMOJI)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/emoji.py

@@ -1,4 +1,4 @@
-"""Command line: ``hf-pds distill`` and ``hf-pds push``."""
+"""Command line: ``hf-pds distill``, ``hf-pds push`` and ``hf-pds evaluate``."""
 
 from __future__ import annotations
 
@@ -107,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", help="branch to push to (created if missing)")
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument("--commit-message", help="commit message")
+
+    from .evaluation.cli import add_evaluate_parser
+
+    add_evaluate_parser(commands)
     return parser
 
 
@@ -235,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             _distill(args)
         elif args.command == "push":
             _push(args)
+        elif args.command == "evaluate":
+            from .evaluation.cli import run_evaluate
+
+            return run_evaluate(args)
     except (ValueError, TypeError, FileExistsError, FileNotFoundError, ConnectionError, PermissionError) as error:
         print(f"hf-pds {args.command}: error: {error}", file=sys.stderr)
         return 2
