@@ -74,6 +74,17 @@ def _config_dict(component) -> dict:
     return {}
 
 
+def _model_description(model) -> dict:
+    """Class, name, config, dtype and a weight sample of a model: what changes its outputs."""
+    return {
+        "class": type(model).__name__,
+        "name_or_path": model.config.name_or_path,
+        "config": _config_dict(model),
+        "dtype": str(next(model.parameters()).dtype),
+        "weights": weights_fingerprint(model),
+    }
+
+
 def towers_description(image_encoder, feature_extractor, text_encoder, tokenizer) -> dict:
     """What of the CLIP towers and their pre-processing changes the embeddings."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -86,21 +97,9 @@ def towers_description(image_encoder, feature_extractor, text_encoder, tokenizer
     else:
         vocabulary = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return {
-        "image_encoder": {
-            "class": type(image_encoder).__name__,
-            "name_or_path": image_encoder.config.name_or_path,
-            "config": _config_dict(image_encoder),
-            "dtype": str(next(image_encoder.parameters()).dtype),
-            "weights": weights_fingerprint(image_encoder),
-        },
+        "image_encoder": _model_description(image_encoder),
         "feature_extractor": {"class": type(feature_extractor).__name__, "config": _config_dict(feature_extractor)},
-        "text_encoder": {
-            "class": type(text_encoder).__name__,
-            "name_or_path": text_encoder.config.name_or_path,
-            "config": _config_dict(text_encoder),
-            "dtype": str(next(text_encoder.parameters()).dtype),
-            "weights": weights_fingerprint(text_encoder),
-        },
+        "text_encoder": _model_description(text_encoder),
         "tokenizer": {
             "class": type(tokenizer).__name__,
             "model_max_length": tokenizer.model_max_length,
