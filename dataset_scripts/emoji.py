@@ -16,7 +16,6 @@ retrieval. The result loads with ``datasets.load_dataset("emoji-captions")``.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import re
 import sys
@@ -28,8 +27,8 @@ import datasets
 import numpy as np
 import PIL.Image
 
-from hf_pds.card import size_category
-from hf_pds.distilled import hub_configs, write_hub_folder
+from hf_pds.hub import hub_configs, size_category, write_hub_folder
+from hf_pds.pairs import encode_png, to_rgb
 
 SPLITS = ("train", "validation", "test")
 STYLES = ("google", "twitter")
@@ -147,16 +146,8 @@ def read_emoji(emoji_dir: str | Path, styles: Sequence[str] = STYLES) -> list[Em
 def emoji_image(path: str | Path) -> PIL.Image.Image:
     """An emoji PNG composited on a white background, as RGB."""
     with PIL.Image.open(path) as image:
-        rgba = image.convert("RGBA")
-    background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    background.alpha_composite(rgba)
-    return background.convert("RGB")
-
-
-def _png_bytes(image: PIL.Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False)
-    return buffer.getvalue()
+        image.load()
+        return to_rgb(image)
 
 
 def split_concepts(
@@ -207,7 +198,7 @@ def build_splits(
             concept = concepts[index]
             for style in styles if split == "train" else (styles[drawn_style[index]],):
                 path = emoji_dir / f"emoji-datasource-{style}" / "img" / style / str(IMAGE_SIZE) / concept.image
-                columns["image"].append({"bytes": _png_bytes(emoji_image(path)), "path": None})
+                columns["image"].append({"bytes": encode_png(emoji_image(path)), "path": None})
                 columns["caption"].append(concept.captions)
                 columns["image_id"].append(f"{concept.unified.lower()}-{style}")
                 columns["concept"].append(concept.unified)

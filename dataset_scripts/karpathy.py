@@ -7,7 +7,7 @@ BLIP distributes the Karpathy splits of Flickr30k and MS-COCO as JSON lists:
 
 This module groups the entries into one row per image (``image``, ``caption``: every caption of the image,
 ``image_id``), checks that every image file exists before anything is written, and saves the splits ``train``,
-``validation`` and ``test`` as a Hub-layout folder with :func:`hf_pds.distilled.write_hub_folder`.
+``validation`` and ``test`` as a Hub-layout folder with :func:`hf_pds.hub.write_hub_folder`.
 
 The scripts are plain CLI programs, not a package: ``python dataset_scripts/flickr30k.py`` finds this module
 because Python puts a script's own folder first on ``sys.path``.
@@ -24,8 +24,7 @@ from pathlib import Path
 
 import datasets
 
-from hf_pds.card import size_category
-from hf_pds.distilled import hub_configs, write_hub_folder
+from hf_pds.hub import hub_configs, size_category, write_hub_folder
 
 SPLITS = ("train", "validation", "test")
 # How many missing image paths an error message lists before it gives only the count.
@@ -332,7 +331,7 @@ def main(spec: KarpathyDataset, argv: Sequence[str] | None = None) -> int:
     print(f"Saved to {folder}  (load it with datasets.load_dataset({str(folder)!r}))")
     if args.push_to_hub:
         # Only pushing needs the Hub upload helper.
-        from hf_pds.distilled import push_folder
+        from hf_pds.hub import push_folder
 
         try:
             url = push_folder(

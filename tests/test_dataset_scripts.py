@@ -200,9 +200,7 @@ def test_existing_output_needs_overwrite_and_push_uploads_the_folder(tmp_path, s
     assert "pass --overwrite" in capsys.readouterr().err
 
     calls = []
-    monkeypatch.setattr(
-        "hf_pds.distilled.push_folder", lambda *args, **kwargs: calls.append((args, kwargs)), raising=False
-    )
+    monkeypatch.setattr("hf_pds.hub.push_folder", lambda *args, **kwargs: calls.append((args, kwargs)), raising=False)
     assert scripts["flickr30k"].main(arguments(source, output, "--overwrite", "--push-to-hub", "me/flickr30k")) == 0
     [(args, kwargs)] = calls
     assert args == (output.resolve(), "me/flickr30k") and kwargs["private"] is True
@@ -213,7 +211,7 @@ def test_failed_push_keeps_the_folder_and_says_how_to_push_it(tmp_path, scripts,
     def refuse(*args, **kwargs):
         raise PermissionError("No Hugging Face token.")
 
-    monkeypatch.setattr("hf_pds.distilled.push_folder", refuse, raising=False)
+    monkeypatch.setattr("hf_pds.hub.push_folder", refuse, raising=False)
     source = make_source(tmp_path, "coco")
     output = tmp_path / "out"
     assert scripts["coco"].main(arguments(source, output, "--push-to-hub", "me/coco")) == 2

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from helpers import mixed_dataset
-from hf_pds.embedding import collect_captions, embed_dataset, to_rgb
+from hf_pds.embedding import ClipTowers, embed_pairs
+from hf_pds.pairs import read_pairs as collect_captions
+from hf_pds.pairs import to_rgb
 from hf_pds.testing import tiny_pds_components
 
 
@@ -92,18 +94,13 @@ def test_transparent_pixels_become_white_and_16_bit_white_stays_white():
 
 
 def embed(components, dataset, **kwargs):
-    return embed_dataset(
-        dataset,
-        collect_captions(dataset),
-        "image",
+    towers = ClipTowers(
         components["image_encoder"],
         components["feature_extractor"],
         components["clip_text_encoder"],
         components["clip_tokenizer"],
-        "cpu",
-        progress=False,
-        **kwargs,
     )
+    return embed_pairs(dataset, collect_captions(dataset), "image", towers, "cpu", progress=False, **kwargs)
 
 
 def test_each_image_is_embedded_once_and_embeddings_are_raw(components):

@@ -165,9 +165,9 @@ def test_full_train_split_beats_twenty_random_pairs(pools):
 
 
 def test_hf_pds_evaluate_end_to_end(emoji, encoders, tmp_path, capsys):
-    from hf_pds.distilled import hub_configs, write_hub_folder
     from hf_pds.evaluation.cli import add_evaluate_parser, run_evaluate
     from hf_pds.evaluation.encoders import encode_cached
+    from hf_pds.hub import hub_configs, write_hub_folder
 
     data = tmp_path / "emoji"
     emoji.build_folder(EMOJI_DIR, data, styles=("google",), limit=60)

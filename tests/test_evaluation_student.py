@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from hf_pds.evaluation.report import markdown_table, summarize_records, write_report
+from hf_pds.evaluation.report import markdown_table, summarize, summarize_records, write_report
 from hf_pds.evaluation.runner import TrainingPool, method_pairs, retrieval_split, run_grid
 from hf_pds.evaluation.student import (
     RetrievalSplit,
     StudentConfig,
     info_nce,
     projection_head,
-    summarize,
     train_student,
 )
 

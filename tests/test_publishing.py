@@ -10,9 +10,9 @@ from huggingface_hub import DatasetCard
 
 import hf_pds
 from helpers import mixed_dataset
-from hf_pds.card import card_license, preview_grid, size_category
+from hf_pds.card import card_license, preview_grid
 from hf_pds.cli import main
-from hf_pds.distilled import push_folder
+from hf_pds.hub import push_folder, size_category
 from hf_pds.pipeline_pds import snapshot_revision
 from hf_pds.testing import tiny_pds_pipeline
 

@@ -2,7 +2,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from hf_pds.synthesis import check_generation_settings, prototype_seed, resize
+from hf_pds.pipeline_pds import check_generation_settings
+from hf_pds.synthesis import prototype_seed, resize
 
 
 def test_prototype_seeds_depend_on_run_seed_and_index_only():

@@ -3,8 +3,6 @@
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
-
 # Heavy modules (torch, diffusers, transformers) are imported on first use of a name, so that
 # `import hf_pds` and the prototype engine stay quick to import.
 _EXPORTS = {
@@ -23,6 +21,10 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
+    if name == "__version__":
+        from .hub import hf_pds_version
+
+        return hf_pds_version()
     if name in _EXPORTS:
         return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

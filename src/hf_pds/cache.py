@@ -1,10 +1,15 @@
-"""A disk cache of CLIP embeddings, so that distilling the same data again runs no CLIP forward pass.
+"""hf-pds's cache home, and the cache of CLIP embeddings that makes distilling the same data again free.
 
-An entry is keyed by the dataset's fingerprint, the two columns, the row policy, and the CLIP towers
-(class, name, revision, config, dtype and a sample of their weights) with their pre-processing. It is a
-folder of ``.npy`` arrays (read memory-mapped), the captions, and a manifest with a SHA-256 of every file.
-Entries are written into a temporary folder and renamed into place, and a missing, partial or corrupt entry
-is detected by its manifest and recomputed, never used.
+One home holds every cache of hf-pds: ``$HF_PDS_CACHE``, else ``hf_pds`` under the Hugging Face home
+(``~/.cache/huggingface/hf_pds``). The embeddings live in ``embeddings/``, the evaluation's frozen features in
+``features/``.
+
+An embedding entry is keyed by what changes the embeddings: the dataset's fingerprint, the columns, the row
+policy, and the CLIP towers (class, name, config, dtype and a sample of their weights) with their pre-processing.
+It is a folder of ``.npy`` arrays (read memory-mapped), JSON lists, and a manifest with a SHA-256 of every file,
+built in a staging folder and moved into place. A partial or corrupt entry is detected by its manifest and
+recomputed, never used. A cache folder that cannot be used (not writable, a file, a full disk) costs a warning,
+never the run.
 """
 
 from __future__ import annotations
@@ -13,29 +18,48 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .embedding import Embeddings
+from .hub import staged_folder
 
 logger = logging.getLogger(__name__)
 
+CACHE_ENV = "HF_PDS_CACHE"
+# Read with a deprecation warning: the evaluation's feature cache had a home of its own.
+DEPRECATED_FEATURE_CACHE_ENV = "HF_PDS_FEATURE_CACHE"
 # Bump when the way embeddings are computed changes, so that old entries are not reused.
 CACHE_FORMAT = 1
-_ARRAYS = ("image_embeds", "text_embeds", "caption_image", "rows")
 _MANIFEST = "manifest.json"
 
 
-def default_cache_dir() -> Path:
-    """``$HF_PDS_CACHE``, else ``hf_pds/embeddings`` under the Hugging Face home (``~/.cache/huggingface``)."""
-    if os.environ.get("HF_PDS_CACHE"):
-        return Path(os.environ["HF_PDS_CACHE"])
+def cache_home() -> Path:
+    """``$HF_PDS_CACHE``, else ``hf_pds`` under the Hugging Face home (``~/.cache/huggingface/hf_pds``)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
     from huggingface_hub import constants
 
-    return Path(constants.HF_HOME) / "hf_pds" / "embeddings"
+    return Path(constants.HF_HOME) / "hf_pds"
+
+
+def embeddings_cache_dir() -> Path:
+    """Where the CLIP embeddings of the distillation are cached: ``<cache home>/embeddings``."""
+    return cache_home() / "embeddings"
+
+
+def features_cache_dir() -> Path:
+    """Where the evaluation's frozen features are cached: ``<cache home>/features``."""
+    if os.environ.get(DEPRECATED_FEATURE_CACHE_ENV):
+        warnings.warn(
+            f"${DEPRECATED_FEATURE_CACHE_ENV} is deprecated: set ${CACHE_ENV} (the home of every hf-pds cache; "
+            "features go to its features/ folder).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return Path(os.environ[DEPRECATED_FEATURE_CACHE_ENV]).expanduser()
+    return cache_home() / "features"
 
 
 def _sha256(path: Path) -> str:
@@ -85,8 +109,10 @@ def _model_description(model) -> dict:
     }
 
 
-def towers_description(image_encoder, feature_extractor, text_encoder, tokenizer) -> dict:
-    """What of the CLIP towers and their pre-processing changes the embeddings."""
+def towers_description(towers) -> dict:
+    """What of the CLIP towers (an object with ``image_encoder``, ``feature_extractor``, ``text_encoder`` and
+    ``tokenizer``) and their pre-processing changes the embeddings."""
+    tokenizer = towers.tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         # Padding and truncation settings are state that each call of the tokenizer changes: leave them out.
@@ -97,9 +123,12 @@ def towers_description(image_encoder, feature_extractor, text_encoder, tokenizer
     else:
         vocabulary = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return {
-        "image_encoder": _model_description(image_encoder),
-        "feature_extractor": {"class": type(feature_extractor).__name__, "config": _config_dict(feature_extractor)},
-        "text_encoder": _model_description(text_encoder),
+        "image_encoder": _model_description(towers.image_encoder),
+        "feature_extractor": {
+            "class": type(towers.feature_extractor).__name__,
+            "config": _config_dict(towers.feature_extractor),
+        },
+        "text_encoder": _model_description(towers.text_encoder),
         "tokenizer": {
             "class": type(tokenizer).__name__,
             "model_max_length": tokenizer.model_max_length,
@@ -108,67 +137,68 @@ def towers_description(image_encoder, feature_extractor, text_encoder, tokenizer
     }
 
 
-def cache_key(description: dict) -> str:
-    """The entry name of a description (dataset, columns, towers): a SHA-256 of its canonical JSON."""
-    canonical = json.dumps({"format": CACHE_FORMAT, **description}, sort_keys=True, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:40]
-
-
 class EmbeddingCache:
-    """Embeddings on disk under ``folder/<key>/``."""
+    """Embeddings on disk under ``folder/<key>/`` (``folder`` defaults to :func:`embeddings_cache_dir`)."""
 
     def __init__(self, folder: str | os.PathLike | None = None):
-        self.folder = Path(folder) if folder is not None else default_cache_dir()
+        self.folder = Path(folder).expanduser() if folder is not None else embeddings_cache_dir()
 
-    def entry(self, key: str) -> Path:
-        return self.folder / key
+    def key(self, source: dict, towers) -> str:
+        """The entry name of embeddings of ``source`` (dataset fingerprint, columns, row policy) made by
+        ``towers``: a SHA-256 of their canonical description."""
+        description = {"format": CACHE_FORMAT, **source, "towers": towers_description(towers)}
+        canonical = json.dumps(description, sort_keys=True, default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:40]
 
-    def load(self, key: str) -> Embeddings | None:
-        """The cached embeddings of ``key``, memory-mapped; None when absent, partial or corrupt."""
-        entry = self.entry(key)
+    def load(self, key: str) -> tuple[dict[str, np.ndarray], dict[str, list]] | None:
+        """``(arrays, lists)`` of the entry ``key``, arrays memory-mapped; None when absent, partial or corrupt."""
+        entry = self.folder / key
         if not entry.is_dir():
             return None
         try:
             manifest = json.loads((entry / _MANIFEST).read_text(encoding="utf-8"))
+            if manifest["key"] != key:
+                raise ValueError("its manifest names another entry")
             for name, checksum in manifest["sha256"].items():
                 if _sha256(entry / name) != checksum:
                     raise ValueError(f"{name} does not match its checksum")
-            arrays = {name: np.load(entry / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
-            captions = json.loads((entry / "captions.json").read_text(encoding="utf-8"))
-            if len(captions) != len(arrays["text_embeds"]) or manifest["key"] != key:
-                raise ValueError("its arrays and captions disagree")
-        except (OSError, ValueError, KeyError) as error:
+            arrays = {name: np.load(entry / f"{name}.npy", mmap_mode="r") for name in manifest["arrays"]}
+            lists = {
+                name: json.loads((entry / f"{name}.json").read_text(encoding="utf-8")) for name in manifest["lists"]
+            }
+        except (OSError, ValueError, KeyError, TypeError) as error:
             logger.warning("Ignoring the corrupt embedding cache entry %s (%s); recomputing.", entry, error)
             return None
         logger.info("Loaded embeddings from the cache: %s", entry)
-        return Embeddings(captions=captions, skipped_rows=manifest["skipped_rows"], **arrays)
+        return arrays, lists
 
-    def save(self, key: str, embeddings: Embeddings, description: dict) -> Path:
-        """Write an entry atomically; a complete entry that is already there is kept."""
-        entry = self.entry(key)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".partial", dir=self.folder))
+    def save(self, key: str, arrays: dict[str, np.ndarray], lists: dict[str, list]) -> Path | None:
+        """Write the entry ``key`` atomically and return it; a corrupt entry there is replaced. When the cache
+        folder cannot be written, warn and return None: the run goes on without the cache."""
+        entry = self.folder / key
         try:
-            files = []
-            for name in _ARRAYS:
-                np.save(staging / f"{name}.npy", np.ascontiguousarray(getattr(embeddings, name)))
-                files.append(f"{name}.npy")
-            (staging / "captions.json").write_text(json.dumps(embeddings.captions), encoding="utf-8")
-            files.append("captions.json")
-            manifest = {
-                "key": key,
-                "format": CACHE_FORMAT,
-                "description": description,
-                "skipped_rows": [int(row) for row in embeddings.skipped_rows],
-                "sha256": {name: _sha256(staging / name) for name in files},
-            }
-            # The manifest is written last: an entry without one is incomplete by construction.
-            (staging / _MANIFEST).write_text(json.dumps(manifest, indent=1, default=str), encoding="utf-8")
-            if entry.exists():
-                shutil.rmtree(entry)  # only corrupt entries are rewritten: load() refused this one
-            staging.rename(entry)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with staged_folder(entry) as staging:
+                for name, array in arrays.items():
+                    np.save(staging / f"{name}.npy", np.ascontiguousarray(array))
+                for name, values in lists.items():
+                    (staging / f"{name}.json").write_text(json.dumps(values), encoding="utf-8")
+                files = [f"{name}.npy" for name in arrays] + [f"{name}.json" for name in lists]
+                manifest = {
+                    "key": key,
+                    "format": CACHE_FORMAT,
+                    "arrays": list(arrays),
+                    "lists": list(lists),
+                    "sha256": {name: _sha256(staging / name) for name in files},
+                }
+                # The manifest is written last: an entry without one is incomplete by construction.
+                (staging / _MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        except OSError as error:
+            logger.warning(
+                "The embedding cache at %s cannot be written (%s): going on without the cache.",
+                self.folder,
+                error.strerror or error,
+            )
+            return None
         logger.info("Cached the embeddings at %s", entry)
         return entry

@@ -12,20 +12,17 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
+from .hub import hub_configs, size_category
+from .pairs import encode_png
+
+# model_card_templates/ at the repository's top level, shipped in the wheel as this package.
+TEMPLATES = "hf_pds.model_card_templates"
 TEMPLATE = "distilled_dataset_card.md"
 PREVIEW_FILE = "preview.png"
 STATS_FILE = "stats.png"
 TAGS = ["dataset-distillation", "synthetic", "pds", "image-text"]
 # A Hub license field takes an identifier such as "cc-by-4.0"; free text goes to the card body instead.
 _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
-
-
-def size_category(n_rows: int) -> str:
-    """The Hub's ``size_categories`` bucket of ``n_rows``."""
-    for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
-        if n_rows < bound:
-            return label
-    return "1M<n<10M"
 
 
 def card_license(source_license: str | None) -> tuple[str, str | None]:
@@ -73,12 +70,6 @@ def stats_plot(support: np.ndarray, similarity: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.open(buffer).convert("RGB")
 
 
-def _png(image: PIL.Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _summary(values: np.ndarray, digits: int | None) -> dict:
     """Min, median and max, rounded to ``digits`` (None: whole numbers)."""
     return {
@@ -90,8 +81,6 @@ def _summary(values: np.ndarray, digits: int | None) -> dict:
 def render_card(dataset, prototypes, settings: dict, provenance: dict, repo_id: str | None = None) -> str:
     """The README.md of a distilled set, from ``model_card_templates/distilled_dataset_card.md``."""
     from huggingface_hub import DatasetCard, DatasetCardData
-
-    from .distilled import hub_configs
 
     source = provenance.get("source_dataset")
     license_id, license_note = card_license(provenance.get("source_license"))
@@ -107,7 +96,7 @@ def render_card(dataset, prototypes, settings: dict, provenance: dict, repo_id: 
     )
     notes = [*provenance.get("notes", []), *([license_note] if license_note else [])]
     first_image = dataset[0]["image"]
-    template = resources.files("hf_pds").joinpath("model_card_templates", TEMPLATE).read_text(encoding="utf-8")
+    template = resources.files(TEMPLATES).joinpath(TEMPLATE).read_text(encoding="utf-8")
     card = DatasetCard.from_template(
         card_data,
         template_str=template,
@@ -149,7 +138,7 @@ def card_files(dataset, prototypes, settings: dict, provenance: dict, repo_id: s
     """``(README text, {relative path: bytes})``: the card with its preview and statistics images."""
     card = render_card(dataset, prototypes, settings, provenance, repo_id)
     images = {
-        PREVIEW_FILE: _png(preview_grid(dataset)),
-        STATS_FILE: _png(stats_plot(prototypes.support, prototypes.similarity)),
+        PREVIEW_FILE: encode_png(preview_grid(dataset)),
+        STATS_FILE: encode_png(stats_plot(prototypes.support, prototypes.similarity)),
     }
     return card, images

@@ -1,22 +1,151 @@
-"""Command line: ``hf-pds distill``, ``hf-pds push`` and ``hf-pds evaluate``."""
+"""Command line: ``hf-pds distill``, ``hf-pds push`` and ``hf-pds evaluate``.
+
+The defaults of ``distill`` are read from ``PDSPipeline.__call__``'s signature, so the command and the Python API
+cannot drift apart. Every argument that can be checked without a model or a dataset is checked before either is
+loaded. A user error (bad input, a load that fails, a Hub that refuses) is one line on stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import logging
 import sys
 import time
 from pathlib import Path
 
-from .synthesis import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_NOISE_LEVEL
+from .errors import run_command
 
 DEMO_OUTPUT = "pds-digits-demo"
 # The embedded demo decodes with tiny random weights: fewer steps keep it under a minute on a laptop.
 DEMO_SETTINGS = {"budget": 10, "num_inference_steps": 25}
-DEFAULT_SETTINGS = {"budget": 100, "num_inference_steps": 100}
+# The pipeline needs a budget; the command offers this one.
+DEFAULT_BUDGET = 100
 
 
-def _parser() -> argparse.ArgumentParser:
+def pipeline_defaults() -> dict:
+    """The default of each keyword of ``PDSPipeline.__call__``."""
+    from .pipeline_pds import PDSPipeline
+
+    parameters = inspect.signature(PDSPipeline.__call__).parameters.values()
+    return {parameter.name: parameter.default for parameter in parameters if parameter.default is not parameter.empty}
+
+
+def _add_distill_options(distill: argparse.ArgumentParser, defaults: dict) -> None:
+    from .prototypes import KMEANS_BACKENDS
+
+    source = distill.add_argument_group("source")
+    source.add_argument("--dataset", help="Hub dataset id or local folder (default: the embedded digits demo)")
+    source.add_argument("--split", default="train", help="split to distill (default: %(default)s)")
+    source.add_argument(
+        "--image-column", default=defaults["image_column"], help="column of images (default: %(default)s)"
+    )
+    source.add_argument(
+        "--caption-column", default=defaults["caption_column"], help="column of captions (default: %(default)s)"
+    )
+    source.add_argument(
+        "--skip-invalid-rows",
+        action="store_true",
+        help="leave out rows with no decodable image or an empty caption (with a warning)",
+    )
+    source.add_argument(
+        "--streaming", action="store_true", help="read the dataset as a stream, one batch of images at a time"
+    )
+    method = distill.add_argument_group("method")
+    method.add_argument(
+        "--budget",
+        type=int,
+        help=f"number of distilled pairs (default: {DEFAULT_BUDGET}; demo: {DEMO_SETTINGS['budget']})",
+    )
+    method.add_argument(
+        "--prune-ratio",
+        type=float,
+        default=defaults["prune_ratio"],
+        help="fraction of pairs pruned (default: %(default)s)",
+    )
+    method.add_argument("--normalize", action="store_true", help="cluster L2-normalised embeddings")
+    method.add_argument("--seed", type=int, default=defaults["seed"], help="run seed (default: %(default)s)")
+    method.add_argument(
+        "--kmeans-backend",
+        choices=("auto", *KMEANS_BACKENDS),
+        default=defaults["kmeans_backend"],
+        help="k-means: sklearn (the reference's MiniBatchKMeans call), fast (the same, seeded faster), faiss "
+        "(Lloyd); auto (the default): faiss when installed, else fast",
+    )
+    generation = distill.add_argument_group("generation")
+    generation.add_argument(
+        "--pipeline",
+        help="PDSPipeline folder or unCLIP checkpoint (default: stabilityai/stable-diffusion-2-1-unclip-small; "
+        "demo: tiny random pipeline)",
+    )
+    generation.add_argument("--clip-model", help="CLIP model of the text tower when the checkpoint has none")
+    generation.add_argument(
+        "--num-inference-steps",
+        type=int,
+        help=f"denoising steps (default: {defaults['num_inference_steps']}; "
+        f"demo: {DEMO_SETTINGS['num_inference_steps']})",
+    )
+    generation.add_argument(
+        "--guidance-scale", type=float, default=defaults["guidance_scale"], help="guidance scale (default: %(default)s)"
+    )
+    generation.add_argument(
+        "--noise-level",
+        type=int,
+        default=defaults["noise_level"],
+        help="image-embedding noise level (default: %(default)s)",
+    )
+    generation.add_argument(
+        "--negative-prompt", default=defaults["negative_prompt"], help="negative prompt (default: %(default)r)"
+    )
+    generation.add_argument(
+        "--output-size",
+        type=int,
+        default=defaults["output_size"],
+        help="side of the output images (default: %(default)s)",
+    )
+    generation.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults["batch_size"],
+        help="prototypes decoded at once (default: %(default)s)",
+    )
+    runtime = distill.add_argument_group("runtime")
+    runtime.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    runtime.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        help="model dtype (default: float16 on cuda, else float32)",
+    )
+    runtime.add_argument(
+        "--embedding-batch-size",
+        type=int,
+        default=defaults["embedding_batch_size"],
+        help="images or captions per CLIP forward pass (default: %(default)s)",
+    )
+    runtime.add_argument(
+        "--output",
+        help=f"output folder (default: {DEMO_OUTPUT} for the demo). A run that stops is resumed by the same "
+        "command: finished images are kept in .OUTPUT.pds-run beside it until the folder is written",
+    )
+    runtime.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the output folder if it exists (only an empty folder or an hf-pds output)",
+    )
+    runtime.add_argument(
+        "--fresh", action="store_true", help="discard an interrupted run into --output instead of resuming it"
+    )
+    runtime.add_argument(
+        "--cache-dir",
+        help="embedding cache (default: embeddings/ in $HF_PDS_CACHE or ~/.cache/huggingface/hf_pds)",
+    )
+    runtime.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``hf-pds`` parser. The options of ``distill`` (whose defaults need the pipeline module, a few seconds
+    to import) are added only when ``command`` is ``distill``."""
     parser = argparse.ArgumentParser(prog="hf-pds", description="Multimodal dataset distillation with PDS.")
     commands = parser.add_subparsers(dest="command", required=True)
     distill = commands.add_parser(
@@ -28,70 +157,8 @@ def _parser() -> argparse.ArgumentParser:
             "pipeline: no network, a demonstration of the mechanics, not of image quality."
         ),
     )
-    source = distill.add_argument_group("source")
-    source.add_argument("--dataset", help="Hub dataset id or local folder (default: the embedded digits demo)")
-    source.add_argument("--split", default="train", help="split to distill (default: train)")
-    source.add_argument("--image-column", default="image", help="column of images (default: image)")
-    source.add_argument("--caption-column", default="caption", help="column of captions (default: caption)")
-    source.add_argument(
-        "--skip-invalid-rows", action="store_true", help="leave out rows with no image or an empty caption"
-    )
-    source.add_argument(
-        "--streaming", action="store_true", help="read the dataset as a stream, one batch of images at a time"
-    )
-    method = distill.add_argument_group("method")
-    method.add_argument("--budget", type=int, help="number of distilled pairs (default: 100; demo: 10)")
-    method.add_argument("--prune-ratio", type=float, default=0.2, help="fraction of pairs pruned (default: 0.2)")
-    method.add_argument("--normalize", action="store_true", help="cluster L2-normalised embeddings")
-    method.add_argument("--seed", type=int, default=42, help="run seed (default: 42)")
-    method.add_argument(
-        "--kmeans-backend",
-        choices=("auto", "sklearn", "fast", "faiss"),
-        default="auto",
-        help="k-means: sklearn (the reference's MiniBatchKMeans call), fast (the same, seeded faster), faiss "
-        "(Lloyd); auto (the default): faiss when installed, else fast",
-    )
-    generation = distill.add_argument_group("generation")
-    generation.add_argument(
-        "--pipeline",
-        help="PDSPipeline folder or unCLIP checkpoint (default: stabilityai/stable-diffusion-2-1-unclip-small; "
-        "demo: tiny random pipeline)",
-    )
-    generation.add_argument("--clip-model", help="CLIP model of the text tower when the checkpoint has none")
-    generation.add_argument("--num-inference-steps", type=int, help="denoising steps (default: 100; demo: 25)")
-    generation.add_argument(
-        "--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="guidance scale (default: 5)"
-    )
-    generation.add_argument(
-        "--noise-level",
-        type=int,
-        default=DEFAULT_NOISE_LEVEL,
-        help="image-embedding noise level (default: 10)",
-    )
-    generation.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT, help="negative prompt")
-    generation.add_argument("--output-size", type=int, default=224, help="side of the output images (default: 224)")
-    generation.add_argument("--batch-size", type=int, default=8, help="prototypes decoded at once (default: 8)")
-    runtime = distill.add_argument_group("runtime")
-    runtime.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    runtime.add_argument(
-        "--dtype",
-        choices=("float16", "bfloat16", "float32"),
-        help="model dtype (default: float16 on cuda, else float32)",
-    )
-    runtime.add_argument(
-        "--output",
-        help=f"output folder (default: {DEMO_OUTPUT} for the demo). A run that stops is resumed by the same "
-        "command: finished images are kept in .OUTPUT.pds-run beside it until the folder is written",
-    )
-    runtime.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
-    runtime.add_argument(
-        "--fresh", action="store_true", help="discard an interrupted run into --output instead of resuming it"
-    )
-    runtime.add_argument(
-        "--cache-dir",
-        help="embedding cache (default: $HF_PDS_CACHE or ~/.cache/huggingface/hf_pds/embeddings)",
-    )
-    runtime.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
+    if command == "distill":
+        _add_distill_options(distill, pipeline_defaults())
 
     push = commands.add_parser(
         "push",
@@ -114,44 +181,88 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_source_dataset(name: str, split: str, streaming: bool = False):
-    """A split of a Hub dataset or of a local folder (Hub layout, data files, or ``save_to_disk``)."""
-    import datasets
+def _local(path: str | None) -> Path | None:
+    """``path`` when it names something on this machine (not a Hub id), else None."""
+    return Path(path) if path is not None and Path(path).exists() else None
 
-    path = Path(name)
-    if streaming:
-        return datasets.load_dataset(name, split=split, streaming=True)
-    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"{name} has no split {split!r}; its splits are {list(loaded)}.")
-            return loaded[split]
-        return loaded
-    return datasets.load_dataset(name, split=split)
+
+def _noise_steps(pipeline: str | None) -> int | None:
+    """``num_train_timesteps`` of a local pipeline's image noising scheduler (the bound of ``noise_level``), read
+    without loading it; None for a Hub id (checked once it is loaded)."""
+    folder = _local(pipeline)
+    config = folder / "image_noising_scheduler" / "scheduler_config.json" if folder is not None else None
+    if config is None or not config.is_file():
+        return None if pipeline is not None else 1000  # the demo's DDPMScheduler
+    try:
+        return int(json.loads(config.read_text(encoding="utf-8")).get("num_train_timesteps", 1000))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{config} cannot be read: {error}") from error
+
+
+def _device(name: str | None, state) -> str:
+    """The torch device to run on; ``ValueError`` for one that does not exist or is not on this machine."""
+    import torch
+
+    if name is None:
+        return str(state.device) if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"--device {name!r} is not a torch device ({error}).") from error
+    if device.type == "cpu":
+        return name
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", lambda: False)() or (
+        device.type == "mps" and torch.backends.mps.is_available()
+    )
+    count = getattr(backend, "device_count", lambda: 1)() if available else 0
+    if not available or (device.index or 0) >= count:
+        raise ValueError(f"--device {name}: this machine has no such device ({device.type} devices: {count}).")
+    return name
 
 
 def _distill(args: argparse.Namespace) -> Path:
     import torch
 
     from .distributed import process_state
+    from .hub import check_output_folder, load_source_dataset
+    from .pipeline_pds import DEFAULT_CHECKPOINT, PDSPipeline, check_generation_settings, check_pipeline_folder
+    from .prototypes import check_budget, check_prune_ratio, check_seed, resolve_kmeans_backend
 
     demo = args.dataset is None
-    defaults = DEMO_SETTINGS if demo else DEFAULT_SETTINGS
-    budget = args.budget if args.budget is not None else defaults["budget"]
-    steps = args.num_inference_steps if args.num_inference_steps is not None else defaults["num_inference_steps"]
+    defaults = pipeline_defaults()
+    budget = args.budget if args.budget is not None else (DEMO_SETTINGS["budget"] if demo else DEFAULT_BUDGET)
+    steps = args.num_inference_steps
+    if steps is None:
+        steps = DEMO_SETTINGS["num_inference_steps"] if demo else defaults["num_inference_steps"]
+
+    # 1. Check everything that needs neither a model nor a dataset.
     if args.output is None and not demo:
         raise ValueError("--output is required with --dataset.")
-    output = Path(args.output or DEMO_OUTPUT)
-    if output.exists() and not args.overwrite:
-        raise FileExistsError(f"{output} already exists; pass --overwrite to replace it.")
+    check_budget(budget)
+    check_prune_ratio(args.prune_ratio)
+    check_seed(args.seed)
+    resolve_kmeans_backend(args.kmeans_backend)
+    check_generation_settings(
+        steps, args.guidance_scale, args.noise_level, _noise_steps(args.pipeline), args.output_size, args.batch_size
+    )
+    if args.embedding_batch_size < 1:
+        raise ValueError(f"--embedding-batch-size must be a positive integer, got {args.embedding_batch_size}.")
+    if args.pipeline is not None:
+        check_pipeline_folder(args.pipeline)
+    output = check_output_folder(
+        args.output or DEMO_OUTPUT,
+        args.overwrite,
+        [_local(args.dataset), _local(args.pipeline), _local(args.cache_dir)],
+    )
     state = process_state()
     say = print if state.is_main_process else (lambda *_: None)
     if state.num_processes > 1:
         say(f"processes: {state.num_processes}")
-    device = args.device or (str(state.device) if torch.cuda.is_available() else "cpu")
+    device = _device(args.device, state)
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
 
+    # 2. Load the dataset and the pipeline.
     if demo:
         from .testing import digits_dataset
 
@@ -161,9 +272,6 @@ def _distill(args: argparse.Namespace) -> Path:
     else:
         dataset = load_source_dataset(args.dataset, args.split, args.streaming)
         provenance = {"source_dataset": args.dataset, "source_split": args.split}
-
-    from .pipeline_pds import DEFAULT_CHECKPOINT, PDSPipeline
-
     if demo and args.pipeline is None:
         from .testing import tiny_pds_pipeline
 
@@ -176,47 +284,35 @@ def _distill(args: argparse.Namespace) -> Path:
         if dtype != torch.float32:
             pipeline = pipeline.to(dtype=dtype)
     else:
-        pipeline = PDSPipeline.from_pretrained(
-            args.pipeline or DEFAULT_CHECKPOINT, clip_model_name_or_path=args.clip_model, dtype=dtype
-        )
+        name = args.pipeline or DEFAULT_CHECKPOINT
+        try:
+            pipeline = PDSPipeline.from_pretrained(name, clip_model_name_or_path=args.clip_model, dtype=dtype)
+        except Exception as error:  # diffusers and transformers raise many types for a folder or id they cannot load
+            raise ValueError(f"cannot load the pipeline {name}: {type(error).__name__}: {error}") from error
     pipeline = pipeline.to(device)
-    pipeline.set_progress_bar_config(disable=False)
 
+    # 3. Distill.
     started = time.perf_counter()
-    result = pipeline(
-        dataset,
-        budget=budget,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        prune_ratio=args.prune_ratio,
-        normalize=args.normalize,
-        num_inference_steps=steps,
-        guidance_scale=args.guidance_scale,
-        noise_level=args.noise_level,
-        negative_prompt=args.negative_prompt,
-        seed=args.seed,
-        output_size=args.output_size,
-        batch_size=args.batch_size,
-        skip_invalid_rows=args.skip_invalid_rows,
-        kmeans_backend=args.kmeans_backend,
-        output_dir=output,
-        overwrite=args.overwrite,
-        fresh=args.fresh,
-        cache_dir=args.cache_dir,
-        use_cache=not args.no_cache,
-        provenance=provenance,
-    )
+    # The options named as the pipeline's arguments go through as they are.
+    given = {
+        "budget": budget,
+        "num_inference_steps": steps,
+        "output_dir": output,
+        "use_cache": not args.no_cache,
+        "provenance": provenance,
+    }
+    options = {name: value for name, value in vars(args).items() if name in defaults and name not in given}
+    result = pipeline(dataset, **given, **options)
     say(
         f"Distilled {result.settings['source_captions']} pairs ({result.settings['source_images']} images) into "
         f"{len(result.dataset)} synthetic pairs in {time.perf_counter() - started:.1f} s."
     )
-    folder = output.resolve()
-    say(f"Saved to {folder}  (load it with datasets.load_dataset({str(folder)!r}))")
-    return folder
+    say(f"Saved to {output}  (load it with datasets.load_dataset({str(output)!r}))")
+    return output
 
 
 def _push(args: argparse.Namespace) -> str:
-    from .distilled import push_folder
+    from .hub import push_folder
 
     url = push_folder(
         args.folder,
@@ -231,24 +327,19 @@ def _push(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    from .evaluation.cli import run_evaluate
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((word for word in argv if not word.startswith("-")), None)
+    args = _parser(command).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("hf_pds").setLevel(logging.INFO)  # the stages' one-line summaries
     try:
-        if args.command == "distill":
-            _distill(args)
-        elif args.command == "push":
-            _push(args)
-        elif args.command == "evaluate":
-            from .evaluation.cli import run_evaluate
-
+        if args.command == "evaluate":
             return run_evaluate(args)
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError, ConnectionError, PermissionError) as error:
-        print(f"hf-pds {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return run_command(args.command, {"distill": _distill, "push": _push}[args.command], args)
     finally:
         _end_process_group()
-    return 0
 
 
 def _end_process_group() -> None:

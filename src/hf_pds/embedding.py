@@ -1,39 +1,38 @@
-"""Step 1 of PDS: raw CLIP embeddings of the images and captions of a ``datasets.Dataset``.
+"""Step 1 of PDS: raw CLIP embeddings of the images and captions of a dataset, through the embedding cache.
 
-A row of the dataset is one image with one caption (a string) or several (a list of strings). Each
-image is embedded once; each caption is one pair, pointing at its image through ``caption_image``.
+Each image is embedded once; each caption is one pair, pointing at its image through ``caption_image``. A
+map-style dataset is embedded in batches shared between processes and cached on disk; a stream is read once, by
+the main process, one batch of images at a time, and its rows are checked as they arrive.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from .distributed import SINGLE_PROCESS, aligned_batches, gather_rows
+from .cache import EmbeddingCache
+from .distributed import SINGLE_PROCESS, aligned_batches, broadcast, gather_rows
+from .pairs import PairTable, caption_problem, captions_of, decode_rgb, report_problems, undecoded_cells
 
 logger = logging.getLogger(__name__)
 
+_ARRAYS = ("image_embeds", "text_embeds", "caption_image", "rows")
 
-@dataclass
-class CaptionTable:
-    """The pairs of a dataset, before any model runs.
 
-    Attributes:
-        rows: ``[n_images]`` dataset row of each image that is used.
-        captions: ``[n_captions]`` every caption, flattened in row order.
-        caption_image: ``[n_captions]`` position in ``rows`` of each caption's image.
-        skipped_rows: dataset rows left out because their image or caption was missing.
-    """
+@dataclass(frozen=True)
+class ClipTowers:
+    """The two towers of one CLIP model, with their pre-processing: the space prototypes live in."""
 
-    rows: np.ndarray
-    captions: list[str]
-    caption_image: np.ndarray
-    skipped_rows: list[int]
+    image_encoder: Any  # transformers.CLIPVisionModelWithProjection
+    feature_extractor: Any  # transformers.CLIPImageProcessor
+    text_encoder: Any  # transformers.CLIPTextModelWithProjection
+    tokenizer: Any  # transformers.CLIPTokenizer
 
 
 @dataclass
@@ -52,162 +51,84 @@ class Embeddings:
     skipped_rows: list[int]
 
 
-def _caption_problem(value) -> str | None:
-    """Why a caption cell cannot be used, or None when it can."""
-    if value is None:
-        return "is None"
-    if isinstance(value, str):
-        return "is an empty string" if not value.strip() else None
-    if isinstance(value, (list, tuple)):
-        if len(value) == 0:
-            return "is an empty list"
-        for position, caption in enumerate(value):
-            if not isinstance(caption, str):
-                return f"has a {type(caption).__name__} at position {position}, expected a string"
-            if not caption.strip():
-                return f"has an empty caption at position {position}"
-        return None
-    return f"is a {type(value).__name__}, expected a string or a list of strings"
+def embed(
+    dataset,
+    pairs: PairTable | None,
+    image_column: str,
+    caption_column: str,
+    towers: ClipTowers,
+    device: torch.device | str,
+    *,
+    batch_size: int = 64,
+    skip_invalid_rows: bool = False,
+    cache: EmbeddingCache | None = None,
+    progress: bool = True,
+    state=SINGLE_PROCESS,
+) -> Embeddings:
+    """Embed ``dataset``: its ``pairs`` (a map-style dataset, checked by :func:`hf_pds.pairs.read_pairs`) or, with
+    ``pairs=None``, a stream read once by the main process. Every process gets the embeddings.
 
-
-def _missing_image_rows(dataset, image_column: str) -> np.ndarray:
-    """Rows whose image cell is empty, read without decoding any image."""
-    import datasets
-    import pyarrow.compute as pc
-
-    feature = dataset.features[image_column]
-    column = dataset.select_columns([image_column])
-    if isinstance(feature, datasets.Image):
-        column = column.cast_column(image_column, datasets.Image(decode=False))
-    missing = []
-    offset = 0
-    for batch in column.with_format("arrow").iter(batch_size=10_000):
-        values = batch.column(image_column)
-        is_missing = pc.is_null(values)
-        if isinstance(feature, datasets.Image):
-            no_content = pc.and_(
-                pc.is_null(pc.struct_field(values, "bytes")), pc.is_null(pc.struct_field(values, "path"))
-            )
-            is_missing = pc.or_(is_missing, pc.fill_null(no_content, True))
-        missing.extend(offset + np.flatnonzero(is_missing.to_numpy(zero_copy_only=False)))
-        offset += len(values)
-    return np.asarray(missing, dtype=np.int64)
-
-
-def check_columns(dataset, image_column: str, caption_column: str) -> None:
-    """Raise unless ``dataset`` is a ``Dataset`` or ``IterableDataset`` with both columns (when known)."""
-    import datasets
-
-    if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
-        raise TypeError(f"dataset must be a datasets.Dataset or IterableDataset, got {type(dataset).__name__}.")
-    if dataset.column_names is None:  # a stream whose features are unknown until its first row
-        return
-    for role, column in (("image_column", image_column), ("caption_column", caption_column)):
-        if column not in dataset.column_names:
-            raise ValueError(
-                f"{role}={column!r} is not a column of the dataset; its columns are {dataset.column_names}."
-            )
-
-
-def collect_captions(
-    dataset, image_column: str = "image", caption_column: str = "caption", skip_invalid_rows: bool = False
-) -> CaptionTable:
-    """Check the two columns of a map-style ``dataset`` and list its pairs, without decoding any image.
-
-    Raises:
-        ValueError: a column is missing, or (unless ``skip_invalid_rows``) a row has no image or a
-            None/empty caption; the message names the first bad row.
+    With a ``cache``, a map-style dataset's embeddings are read from it when the same dataset, columns, row policy
+    and towers were embedded before, and written to it otherwise.
     """
-    import datasets
-
-    check_columns(dataset, image_column, caption_column)
-    if not isinstance(dataset, datasets.Dataset):
-        raise TypeError("collect_captions needs a map-style datasets.Dataset; embed a stream with embed_stream.")
-    if len(dataset) == 0:
-        raise ValueError("The dataset has no rows.")
-
-    problems: dict[int, str] = {}
-    for row in _missing_image_rows(dataset, image_column):
-        problems[int(row)] = f"column {image_column!r} has no image"
-    caption_cells = dataset.select_columns([caption_column]).with_format(None)[caption_column]
-    for row, value in enumerate(caption_cells):
-        problem = _caption_problem(value)
-        if problem is not None:
-            problems.setdefault(row, f"column {caption_column!r} {problem}")
-
-    if problems and not skip_invalid_rows:
-        first = min(problems)
-        raise ValueError(
-            f"Row {first}: {problems[first]}. {len(problems)} row(s) of {len(dataset)} are unusable "
-            f"(first rows: {sorted(problems)[:10]}). Fix them, or pass skip_invalid_rows=True to leave them out."
+    progress = progress and state.is_main_process
+    if pairs is None:
+        embeddings = None
+        if state.is_main_process:
+            embeddings = embed_stream(
+                dataset, image_column, caption_column, towers, device, batch_size, skip_invalid_rows, progress
+            )
+        return broadcast(embeddings, state)
+    key = None
+    if cache is not None:
+        source = {
+            "dataset": dataset._fingerprint,
+            "image_column": image_column,
+            "caption_column": caption_column,
+            "skip_invalid_rows": skip_invalid_rows,
+        }
+        key = cache.key(source, towers)
+        cached = broadcast(cache.load(key) if state.is_main_process else None, state)
+        if cached is not None:
+            arrays, lists = cached
+            return Embeddings(**arrays, **lists)
+    embeddings = embed_pairs(dataset, pairs, image_column, towers, device, batch_size, progress, state)
+    if cache is not None and state.is_main_process:
+        cache.save(
+            key,
+            {name: getattr(embeddings, name) for name in _ARRAYS},
+            {"captions": embeddings.captions, "skipped_rows": [int(row) for row in embeddings.skipped_rows]},
         )
-    if problems:
-        logger.warning("Skipping %d of %d rows with a missing image or caption.", len(problems), len(dataset))
-
-    rows, captions, caption_image = [], [], []
-    for row, value in enumerate(caption_cells):
-        if row in problems:
-            continue
-        for caption in [value] if isinstance(value, str) else value:
-            captions.append(caption)
-            caption_image.append(len(rows))
-        rows.append(row)
-    if not rows:
-        raise ValueError("No usable row is left: every row has a missing image or caption.")
-    return CaptionTable(
-        rows=np.asarray(rows, dtype=np.int64),
-        captions=captions,
-        caption_image=np.asarray(caption_image, dtype=np.int64),
-        skipped_rows=sorted(problems),
-    )
-
-
-def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Any PIL image as RGB: transparency composited on white, 16-bit greyscale scaled to 8 bits."""
-    if image.mode == "RGB":
-        return image
-    if image.mode.startswith("I;16"):
-        image = image.point(lambda value: value / 257).convert("L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return embeddings
 
 
 @torch.no_grad()
 def embed_images(
-    images, image_encoder, feature_extractor, device: torch.device | str, progress: bool = True
-) -> np.ndarray:
-    """Projected CLIP image embeddings ``[n, d]`` (float32) of an iterable of batches of PIL images."""
-    dtype = next(image_encoder.parameters()).dtype
+    batches: Iterable[list], towers: ClipTowers, device: torch.device | str, total: int | None, progress: bool = True
+) -> torch.Tensor:
+    """Projected CLIP image embeddings ``[n, d]`` (float32, on ``device``) of batches of RGB PIL images."""
+    dtype = next(towers.image_encoder.parameters()).dtype
     chunks = []
-    with tqdm(total=getattr(images, "total", None), desc="Embedding images", unit="img", disable=not progress) as bar:
-        for batch in images:
-            pixels = feature_extractor(images=[to_rgb(image) for image in batch], return_tensors="pt").pixel_values
-            embeds = image_encoder(pixels.to(device=device, dtype=dtype)).image_embeds
-            chunks.append(embeds.float())
+    with tqdm(total=total, desc="Embedding images", unit="img", disable=not progress) as bar:
+        for batch in batches:
+            pixels = towers.feature_extractor(images=batch, return_tensors="pt").pixel_values
+            chunks.append(towers.image_encoder(pixels.to(device=device, dtype=dtype)).image_embeds.float())
             bar.update(len(batch))
     if not chunks:
-        return torch.zeros((0, image_encoder.config.projection_dim), device=device)
+        return torch.zeros((0, towers.image_encoder.config.projection_dim), device=device)
     return torch.cat(chunks)
 
 
 @torch.no_grad()
 def embed_texts(
-    batches: list[list[str]],
-    text_encoder,
-    tokenizer,
-    device: torch.device | str,
-    progress: bool = True,
+    batches: list[list[str]], towers: ClipTowers, device: torch.device | str, progress: bool = True
 ) -> torch.Tensor:
     """Projected CLIP text embeddings ``[n, d]`` (float32, on ``device``) of batches of captions.
 
     Captions are padded to the tokenizer's full length so that a caption's embedding does not depend on
     which other captions share its batch.
     """
+    tokenizer = towers.tokenizer
     chunks = []
     total = sum(len(batch) for batch in batches)
     with tqdm(total=total, desc="Embedding captions", unit="caption", disable=not progress) as bar:
@@ -215,7 +136,7 @@ def embed_texts(
             tokens = tokenizer(
                 batch, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
             )
-            embeds = text_encoder(
+            embeds = towers.text_encoder(
                 input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
             ).text_embeds
             chunks.append(embeds.float())
@@ -223,86 +144,72 @@ def embed_texts(
     return torch.cat(chunks)
 
 
-def _in_batches(items: list, batch_size: int) -> list[list]:
-    return [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
+def _image_batches(dataset, image_column: str, batches: list[list[int]]) -> Iterator[list]:
+    """The RGB images of each batch of dataset rows; a row that cannot be decoded raises, naming it."""
+    import datasets
+
+    feature = dataset.features[image_column]
+    rows = [int(row) for batch in batches for row in batch]
+    cells = undecoded_cells(dataset.select(rows), image_column)
+    feature = feature if isinstance(feature, datasets.Image) else None
+    position = 0
+    for batch in batches:
+        images = []
+        for _ in batch:
+            image, problem = decode_rgb(next(cells), feature)
+            if problem is not None:
+                raise ValueError(
+                    f"Row {rows[position]}: column {image_column!r} {problem}. Fix it, or pass skip_invalid_rows=True "
+                    "to leave it out."
+                )
+            images.append(image)
+            position += 1
+        yield images
 
 
-class _ImageBatches:
-    """Decoded images of dataset rows, batch by batch, with a length for progress bars."""
-
-    def __init__(self, dataset, image_column: str, batches: list[list[int]]):
-        import datasets
-
-        column = dataset.select_columns([image_column]).with_format(None)
-        if not isinstance(column.features[image_column], datasets.Image):
-            column = column.cast_column(image_column, datasets.Image())
-        self._column = column.select([row for batch in batches for row in batch])
-        self._name = image_column
-        self._sizes = [len(batch) for batch in batches]
-        self.total = len(self._column)
-
-    def __iter__(self):
-        start = 0
-        for size in self._sizes:
-            yield self._column[start : start + size][self._name]
-            start += size
-
-
-def embed_dataset(
+def embed_pairs(
     dataset,
-    table: CaptionTable,
+    pairs: PairTable,
     image_column: str,
-    image_encoder,
-    feature_extractor,
-    text_encoder,
-    tokenizer,
+    towers: ClipTowers,
     device: torch.device | str,
     batch_size: int = 64,
     progress: bool = True,
     state=SINGLE_PROCESS,
 ) -> Embeddings:
-    """Embed the images of ``table.rows`` (once each) and every caption of ``table``.
+    """Embed the images of ``pairs.rows`` (once each) and every caption of ``pairs``.
 
     Under several processes (``state``, an ``accelerate.PartialState``), each embeds a share of the batches
     of images and of captions (the same batches as on one process), and every process gets all the
     embeddings back, in order.
     """
-    progress = progress and state.is_main_process
-    image_batches = [[table.rows[i] for i in batch] for batch in aligned_batches(len(table.rows), batch_size, state)]
+    image_batches = [[pairs.rows[i] for i in batch] for batch in aligned_batches(len(pairs.rows), batch_size, state)]
     image_embeds = embed_images(
-        _ImageBatches(dataset, image_column, image_batches), image_encoder, feature_extractor, device, progress
+        _image_batches(dataset, image_column, image_batches),
+        towers,
+        device,
+        total=sum(len(batch) for batch in image_batches),
+        progress=progress,
     )
     text_batches = [
-        [table.captions[i] for i in batch] for batch in aligned_batches(len(table.captions), batch_size, state)
+        [pairs.captions[i] for i in batch] for batch in aligned_batches(len(pairs.captions), batch_size, state)
     ]
-    text_embeds = embed_texts(text_batches, text_encoder, tokenizer, device, progress)
+    text_embeds = embed_texts(text_batches, towers, device, progress)
     return Embeddings(
-        image_embeds=gather_rows(image_embeds, len(table.rows), state).cpu().numpy(),
-        text_embeds=gather_rows(text_embeds, len(table.captions), state).cpu().numpy(),
-        caption_image=table.caption_image,
-        captions=table.captions,
-        rows=table.rows,
-        skipped_rows=table.skipped_rows,
+        image_embeds=gather_rows(image_embeds, len(pairs.rows), state).cpu().numpy(),
+        text_embeds=gather_rows(text_embeds, len(pairs.captions), state).cpu().numpy(),
+        caption_image=pairs.caption_image,
+        captions=pairs.captions,
+        rows=pairs.rows,
+        skipped_rows=pairs.skipped_rows,
     )
-
-
-def _decoded(cell) -> PIL.Image.Image | None:
-    """A stream's image cell as a PIL image: streams of unknown features yield ``{"bytes", "path"}``."""
-    if isinstance(cell, dict):
-        import datasets
-
-        return datasets.Image().decode_example(cell) if cell.get("bytes") or cell.get("path") else None
-    return cell
 
 
 def embed_stream(
     dataset,
     image_column: str,
     caption_column: str,
-    image_encoder,
-    feature_extractor,
-    text_encoder,
-    tokenizer,
+    towers: ClipTowers,
     device: torch.device | str,
     batch_size: int = 64,
     skip_invalid_rows: bool = False,
@@ -310,13 +217,19 @@ def embed_stream(
 ) -> Embeddings:
     """Embed an ``IterableDataset`` in one pass, holding one batch of images at a time.
 
-    Each row is checked as it arrives, before its image is embedded: a row without an image or with an
+    Each row is checked as it arrives, before its image is embedded: a row without a decodable image or with an
     empty caption raises ``ValueError`` naming it (or is skipped with ``skip_invalid_rows``).
     """
+    import datasets
+
+    feature = (dataset.features or {}).get(image_column)
+    if isinstance(feature, datasets.Image):
+        # Decoded here, row by row, so that an undecodable image is reported with its row.
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     rows: list[int] = []
     captions: list[str] = []
     caption_image: list[int] = []
-    skipped: list[int] = []
+    problems: dict[int, str] = {}
 
     def image_batches():
         batch = []
@@ -324,17 +237,18 @@ def embed_stream(
             for column in (image_column, caption_column):
                 if column not in example:
                     raise ValueError(f"Column {column!r} is not in the stream; its rows have {sorted(example)}.")
-            image = _decoded(example[image_column])
-            problem = f"column {image_column!r} has no image" if image is None else None
-            caption_problem = _caption_problem(example[caption_column])
-            problem = problem or (caption_problem and f"column {caption_column!r} {caption_problem}")
+            problem = caption_problem(example[caption_column])
+            problem = problem and f"column {caption_column!r} {problem}"
+            image = None
+            if problem is None:
+                image, image_problem = decode_rgb(example[image_column], feature)
+                problem = image_problem and f"column {image_column!r} {image_problem}"
             if problem:
                 if not skip_invalid_rows:
-                    raise ValueError(f"Row {row}: {problem}. Fix it, or pass skip_invalid_rows=True to leave it out.")
-                skipped.append(row)
+                    report_problems({row: problem}, None, skip_invalid_rows=False)  # raises, naming the row
+                problems[row] = problem
                 continue
-            value = example[caption_column]
-            for caption in [value] if isinstance(value, str) else value:
+            for caption in captions_of(example[caption_column]):
                 captions.append(caption)
                 caption_image.append(len(rows))
             rows.append(row)
@@ -345,19 +259,17 @@ def embed_stream(
         if batch:
             yield batch
 
-    image_embeds = embed_images(image_batches(), image_encoder, feature_extractor, device, progress).cpu().numpy()
-    if skipped:
-        logger.warning("Skipped %d of %d rows with a missing image or caption.", len(skipped), len(rows) + len(skipped))
+    image_embeds = embed_images(image_batches(), towers, device, total=None, progress=progress).cpu().numpy()
+    report_problems(problems, len(rows) + len(problems), skip_invalid_rows=True)
     if not rows:
-        raise ValueError("No usable row is left: the stream is empty, or every row has a missing image or caption.")
-    text_embeds = (
-        embed_texts(_in_batches(captions, batch_size), text_encoder, tokenizer, device, progress).cpu().numpy()
-    )
+        raise ValueError("No usable row is left: the stream is empty, or no row has a usable image and caption.")
+    batches = [captions[start : start + batch_size] for start in range(0, len(captions), batch_size)]
+    text_embeds = embed_texts(batches, towers, device, progress).cpu().numpy()
     return Embeddings(
         image_embeds=image_embeds,
         text_embeds=text_embeds,
         caption_image=np.asarray(caption_image, dtype=np.int64),
         captions=captions,
         rows=np.asarray(rows, dtype=np.int64),
-        skipped_rows=skipped,
+        skipped_rows=sorted(problems),
     )

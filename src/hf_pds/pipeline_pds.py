@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
 import os
 import re
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from datasets import IterableDataset
 from diffusers import AutoencoderKL, DiffusionPipeline, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
@@ -23,19 +28,20 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from .cache import EmbeddingCache, cache_key, towers_description, weights_fingerprint
+from .cache import EmbeddingCache, weights_fingerprint
 from .distilled import PDSPipelineOutput, build_distilled_dataset
 from .distributed import barrier, broadcast, gather_dicts, process_state
-from .embedding import check_columns, collect_captions, embed_dataset, embed_stream
-from .prototypes import check_budget, extract_prototypes, resolve_kmeans_backend
-from .run_state import RunState
+from .embedding import ClipTowers, Embeddings, embed
+from .hub import check_output_folder, hf_pds_version
+from .pairs import PairTable, check_columns, read_pairs
+from .prototypes import check_budget, check_prune_ratio, check_seed, extract_prototypes, resolve_kmeans_backend
+from .run_state import Checkpoint, RunState, open_run
 from .synthesis import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NEGATIVE_PROMPT,
     DEFAULT_NOISE_LEVEL,
     DEFAULT_NUM_INFERENCE_STEPS,
     DEFAULT_OUTPUT_SIZE,
-    check_generation_settings,
     prototype_seed,
     synthesize,
 )
@@ -65,6 +71,94 @@ _UNCLIP_COMPONENTS = (
     "scheduler",
     "vae",
 )
+
+
+def _integer(name: str, value, minimum: int) -> int:
+    """``value`` as an int; ``ValueError`` naming ``name`` unless it is an integer >= ``minimum`` (numpy integers
+    count, booleans do not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {expected}, got {value!r}.")
+    return int(value)
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)
+
+
+def _optional_path(name: str, value) -> Path | None:
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"{name} must be a path (a string or os.PathLike) or None, got {value!r}.")
+    return None if value is None else Path(value).expanduser()
+
+
+def check_generation_settings(
+    num_inference_steps: int,
+    guidance_scale: float,
+    noise_level: int,
+    max_noise_level: int | None,
+    output_size: int | None,
+    batch_size: int,
+) -> dict:
+    """The generation settings, as plain Python numbers; ``ValueError`` naming the first unusable one.
+
+    ``max_noise_level`` is the image noising scheduler's ``num_train_timesteps`` (None: not known yet).
+    """
+    steps = _integer("num_inference_steps", num_inference_steps, 1)
+    if (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, (int, float, np.integer, np.floating))
+        or not math.isfinite(guidance_scale)
+        or guidance_scale < 0
+    ):
+        raise ValueError(f"guidance_scale must be >= 0 (a finite number), got {guidance_scale!r}.")
+    noise_is_valid = (
+        not isinstance(noise_level, bool)
+        and isinstance(noise_level, (int, np.integer))
+        and 0 <= noise_level < (max_noise_level if max_noise_level is not None else math.inf)
+    )
+    if not noise_is_valid:
+        bound = (
+            ">= 0"
+            if max_noise_level is None
+            else f"in [0, {max_noise_level}) (the image noising scheduler's num_train_timesteps)"
+        )
+        raise ValueError(f"noise_level must be an integer {bound}, got {noise_level!r}.")
+    if output_size is not None:
+        if isinstance(output_size, bool) or not isinstance(output_size, (int, np.integer)) or output_size < 1:
+            raise ValueError(f"output_size must be a positive integer or None, got {output_size!r}.")
+        output_size = int(output_size)
+    return {
+        "num_inference_steps": steps,
+        "guidance_scale": float(guidance_scale),
+        "noise_level": int(noise_level),
+        "output_size": output_size,
+        "batch_size": _integer("batch_size", batch_size, 1),
+    }
+
+
+@dataclass
+class CheckedInputs:
+    """What :meth:`PDSPipeline.check_inputs` hands to the later steps.
+
+    Attributes:
+        pairs: the pairs of a map-style dataset; None for a stream, whose rows are checked as it is read.
+        settings: the method and generation settings of the run, as the card and the run state record them.
+        embedding_batch_size, skip_invalid_rows: how to embed.
+        cache: the embedding cache, or None.
+        output_dir: where to save the distilled set (absolute), or None.
+        protected: folders the run reads, which an overwritten output must not be or contain.
+    """
+
+    pairs: PairTable | None
+    settings: dict
+    embedding_batch_size: int
+    skip_invalid_rows: bool
+    cache: EmbeddingCache | None
+    output_dir: Path | None
+    protected: list[Path]
 
 
 class PDSPipeline(DiffusionPipeline):
@@ -145,9 +239,14 @@ class PDSPipeline(DiffusionPipeline):
             clip_model_name_or_path: CLIP model whose ``CLIPTextModelWithProjection`` and tokenizer embed the
                 captions, used when the checkpoint has none. Defaults to the CLIP model of the checkpoint's image
                 encoder (``openai/clip-vit-large-patch14`` for the ``-small`` checkpoint).
-            **kwargs: passed to [`DiffusionPipeline.from_pretrained`] (``dtype``, ``revision``, ...); ``dtype``,
-                ``cache_dir``, ``local_files_only`` and ``token`` also apply to the CLIP text tower.
+            **kwargs: passed to [`DiffusionPipeline.from_pretrained`] (``dtype`` or ``torch_dtype``, ``revision``,
+                ...); ``dtype``, ``cache_dir``, ``local_files_only`` and ``token`` also apply to the CLIP text tower.
+
+        Raises:
+            ValueError: a local folder is not a pipeline folder, or lacks a component that its
+                ``model_index.json`` names.
         """
+        check_pipeline_folder(pretrained_model_name_or_path)
         pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if pipeline.clip_text_encoder is None or pipeline.clip_tokenizer is None:
             name = clip_model_name_or_path or matching_clip_model(pipeline.image_encoder.config)
@@ -176,11 +275,130 @@ class PDSPipeline(DiffusionPipeline):
                 f"image_normalizer expects {normalizer_dim}-d image embeddings but image_encoder makes {image_dim}-d."
             )
 
+    @property
+    def clip_towers(self) -> ClipTowers:
+        """The CLIP towers that embed the dataset: unCLIP's image encoder and the matching text tower."""
+        return ClipTowers(self.image_encoder, self.feature_extractor, self.clip_text_encoder, self.clip_tokenizer)
+
     def unclip_pipeline(self) -> StableUnCLIPImg2ImgPipeline:
         """A ``StableUnCLIPImg2ImgPipeline`` sharing this pipeline's unCLIP components (no copy)."""
         unclip = StableUnCLIPImg2ImgPipeline(**{name: getattr(self, name) for name in _UNCLIP_COMPONENTS})
         unclip.set_progress_bar_config(disable=True)
         return unclip
+
+    def check_inputs(
+        self,
+        dataset,
+        budget,
+        image_column,
+        caption_column,
+        prune_ratio,
+        normalize,
+        num_inference_steps,
+        guidance_scale,
+        noise_level,
+        negative_prompt,
+        generator,
+        seed,
+        output_size,
+        batch_size,
+        embedding_batch_size,
+        skip_invalid_rows,
+        kmeans_backend,
+        output_dir,
+        overwrite,
+        fresh,
+        cache_dir,
+        use_cache,
+        provenance,
+        return_dict,
+    ) -> CheckedInputs:
+        """Every check of step 1, before any model runs; the arguments are those of :meth:`__call__`.
+
+        The columns, every caption and every image of a map-style dataset are checked here (a stream's rows are
+        checked as it is read), then the budget against the data.
+
+        Raises:
+            TypeError: ``dataset`` is not a ``datasets.Dataset`` or ``IterableDataset``.
+            ValueError: an argument, a column or a row is unusable; the message names it.
+            FileExistsError: ``output_dir`` exists and may not be replaced.
+        """
+        self.check_components()
+        flags = {
+            name: _flag(name, value)
+            for name, value in (
+                ("normalize", normalize),
+                ("skip_invalid_rows", skip_invalid_rows),
+                ("overwrite", overwrite),
+                ("fresh", fresh),
+                ("use_cache", use_cache),
+                ("return_dict", return_dict),
+            )
+        }
+        generation = check_generation_settings(
+            num_inference_steps,
+            guidance_scale,
+            noise_level,
+            self.image_noising_scheduler.config.num_train_timesteps,
+            output_size,
+            batch_size,
+        )
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string or None, got {negative_prompt!r}.")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {generator!r}.")
+        if provenance is not None and not isinstance(provenance, dict):
+            raise ValueError(f"provenance must be a dict or None, got {provenance!r}.")
+        if generator is not None:  # the generator draws the run seed
+            seed = int(torch.randint(0, 2**32 - 1, (1,), generator=generator, device=generator.device))
+        prune_ratio = check_prune_ratio(prune_ratio)
+        seed = check_seed(seed)
+        embedding_batch_size = _integer("embedding_batch_size", embedding_batch_size, 1)
+        kmeans_backend = resolve_kmeans_backend(kmeans_backend)
+        cache_dir = _optional_path("cache_dir", cache_dir)
+        output_dir = _optional_path("output_dir", output_dir)
+
+        check_columns(dataset, image_column, caption_column)
+        protected = [path for path in (*source_folders(dataset), self.local_folder(), cache_dir) if path is not None]
+        if output_dir is not None:
+            output_dir = check_output_folder(output_dir, flags["overwrite"], protected)
+        pairs = None
+        if not isinstance(dataset, IterableDataset):
+            pairs = read_pairs(
+                dataset,
+                image_column,
+                caption_column,
+                flags["skip_invalid_rows"],
+                progress=self._shows_progress(process_state()),
+            )
+        budget = check_budget(
+            budget,
+            None if pairs is None else len(pairs.captions),
+            prune_ratio,
+            n_images=None if pairs is None else len(pairs.rows),
+        )
+        settings = {
+            "budget": budget,
+            "prune_ratio": prune_ratio,
+            "normalize": flags["normalize"],
+            "seed": seed,
+            "kmeans_backend": kmeans_backend,
+            "num_inference_steps": generation["num_inference_steps"],
+            "guidance_scale": generation["guidance_scale"],
+            "noise_level": generation["noise_level"],
+            "negative_prompt": negative_prompt,
+            "output_size": generation["output_size"],
+            "batch_size": generation["batch_size"],
+        }
+        return CheckedInputs(
+            pairs=pairs,
+            settings=settings,
+            embedding_batch_size=embedding_batch_size,
+            skip_invalid_rows=flags["skip_invalid_rows"],
+            cache=EmbeddingCache(cache_dir) if flags["use_cache"] else None,
+            output_dir=output_dir,
+            protected=protected,
+        )
 
     @torch.no_grad()
     def __call__(
@@ -220,7 +438,7 @@ class PDSPipeline(DiffusionPipeline):
                 is read once, one batch of images at a time; its rows are checked as they arrive and the budget
                 once it is read.
             budget (`int`): number of distilled pairs (k-means K).
-            image_column (`str`, defaults to `"image"`): column of images (``datasets.Image`` or paths).
+            image_column (`str`, defaults to `"image"`): column of images (``datasets.Image``, paths or bytes).
             caption_column (`str`, defaults to `"caption"`): column of captions.
             prune_ratio (`float`, defaults to 0.2): fraction of pairs with the lowest image-text cosine dropped
                 before clustering.
@@ -230,28 +448,30 @@ class PDSPipeline(DiffusionPipeline):
             noise_level (`int`, defaults to 10): noise added to the image prototype before conditioning.
             negative_prompt (`str`, defaults to `"text, watermark"`): negative prompt of every image.
             generator (`torch.Generator`, *optional*): draws the run seed when given (instead of ``seed``).
-            seed (`int`, defaults to 42): run seed: k-means ``random_state`` and the source of each prototype's
-                own generation seed.
+            seed (`int`, defaults to 42): run seed, in [0, 2**32): k-means ``random_state`` and the source of each
+                prototype's own generation seed.
             output_size (`int`, defaults to 224): side of the square output images (LANCZOS); None keeps the
                 decoder's size.
             batch_size (`int`, defaults to 8): prototypes decoded at once on an accelerator (one at a time on a CPU,
                 where images are then bit-identical for any batch size).
             embedding_batch_size (`int`, defaults to 64): images or captions per CLIP forward pass.
-            skip_invalid_rows (`bool`, defaults to `False`): leave out rows with a missing image or an empty
-                caption (with a warning) instead of raising.
+            skip_invalid_rows (`bool`, defaults to `False`): leave out rows with a missing or undecodable image or an
+                empty caption (with a warning that gives the reason) instead of raising.
             kmeans_backend (`str`, defaults to `"auto"`): `"sklearn"` (the reference's MiniBatchKMeans call),
                 `"fast"` (the same MiniBatchKMeans with a faster k-means++ seeding), `"faiss"` (Lloyd iterations;
                 `pip install hf-pds[faiss]`), or `"auto"`: faiss when installed, else fast. The choice is logged
                 and written into the card.
             output_dir (`str`, *optional*): also save the distilled set there, as a Hub-layout folder, and make the
                 run resumable: images are kept as they are made in a work folder beside it, and the same call after
-                an interruption (even SIGKILL) makes only the missing ones. The folder appears when complete.
-            overwrite (`bool`, defaults to `False`): replace an existing `output_dir`.
+                an interruption (even SIGKILL) makes only the missing ones. The folder appears when complete. A
+                second run into the same folder while this one is alive is refused.
+            overwrite (`bool`, defaults to `False`): replace an existing `output_dir`, which must be empty or an
+                hf-pds output (never the current folder, one of its parents, or a folder the run reads).
             fresh (`bool`, defaults to `False`): discard an interrupted run into `output_dir` instead of resuming it
                 (resuming with other arguments is refused).
-            cache_dir (`str`, *optional*): embedding cache folder; defaults to `$HF_PDS_CACHE` or
-                `~/.cache/huggingface/hf_pds/embeddings`. Distilling the same dataset again (another budget, other
-                generation settings) then runs no CLIP forward pass.
+            cache_dir (`str`, *optional*): embedding cache folder; defaults to `embeddings/` in `$HF_PDS_CACHE` or
+                `~/.cache/huggingface/hf_pds`. Distilling the same dataset again (another budget, other generation
+                settings) then runs no CLIP forward pass. An unusable cache folder costs a warning, not the run.
             use_cache (`bool`, defaults to `True`): read and write the embedding cache (map-style datasets only).
             provenance (`dict`, *optional*): entries that override the card's provenance, e.g.
                 `{"source_dataset": "org/name"}`.
@@ -261,203 +481,140 @@ class PDSPipeline(DiffusionPipeline):
             [`PDSPipelineOutput`] with the distilled ``dataset`` and its ``prototypes``, or the tuple
             ``(dataset, prototypes)``.
         """
-        # 1. Check inputs, before any model runs (a stream's rows are checked as they arrive).
-        self.check_components()
-        check_generation_settings(
-            num_inference_steps,
-            guidance_scale,
-            noise_level,
-            self.image_noising_scheduler.config.num_train_timesteps,
-            output_size,
-            batch_size,
-        )
-        check_columns(dataset, image_column, caption_column)
-        table = (
-            None
-            if isinstance(dataset, IterableDataset)
-            else collect_captions(dataset, image_column, caption_column, skip_invalid_rows)
-        )
-        kmeans_backend = resolve_kmeans_backend(kmeans_backend)
-        check_budget(budget, table and len(table.captions), prune_ratio, n_images=table and len(table.rows))
-        if generator is not None:
-            seed = int(torch.randint(0, 2**32 - 1, (1,), generator=generator, device=generator.device))
+        # 1. Check inputs, before any model runs (a stream's rows are checked as it is read).
+        inputs = self.check_inputs(**{name: value for name, value in locals().items() if name != "self"})
         state = process_state()
-        settings = {
-            "budget": budget,
-            "prune_ratio": prune_ratio,
-            "normalize": normalize,
-            "seed": seed,
-            "kmeans_backend": kmeans_backend,
-            "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale,
-            "noise_level": noise_level,
-            "negative_prompt": negative_prompt,
-            "output_size": output_size,
-            "batch_size": batch_size,
-        }
-        run = None
-        if output_dir is not None:
-            run = self._start_run(output_dir, dataset, settings, image_column, caption_column, overwrite, fresh, state)
-        resumed = run.load_prototypes() if run is not None else None
-        logger.info("Distilling on %d process(es); k-means backend: %s.", state.num_processes, kmeans_backend)
-
-        if resumed is None:
-            # 2. Embed every image once and every caption with CLIP (or read them from the cache).
-            started = time.perf_counter()
-            cache = EmbeddingCache(cache_dir) if use_cache and table is not None else None
-            embeddings = self._embed(
-                dataset, table, image_column, caption_column, skip_invalid_rows, embedding_batch_size, cache, state
-            )
-            if table is None:  # a stream's size is known only now
-                check_budget(budget, len(embeddings.captions), prune_ratio, n_images=len(embeddings.rows))
-            logger.info(
-                "Embeddings of %d images and %d captions ready in %.1f s.",
-                len(embeddings.image_embeds),
-                len(embeddings.text_embeds),
-                time.perf_counter() - started,
-            )
-
-            # 3. Prune, cluster, match: the prototypes, computed once and shared.
-            started = time.perf_counter()
-            prototypes = None
-            if state.is_main_process:
-                prototypes = extract_prototypes(
-                    embeddings.image_embeds,
-                    embeddings.text_embeds,
-                    embeddings.caption_image,
-                    budget=budget,
-                    prune_ratio=prune_ratio,
-                    normalize=normalize,
-                    seed=seed,
-                    kmeans_backend=kmeans_backend,
-                )
-            prototypes = broadcast(prototypes, state)
-            prompts = [embeddings.captions[index] for index in prototypes.caption_index]
-            sizes = {
-                "source_images": len(embeddings.image_embeds),
-                "source_captions": len(embeddings.text_embeds),
-                "skipped_rows": len(embeddings.skipped_rows),
-            }
-            if run is not None and state.is_main_process:
-                run.save_prototypes(prototypes, prompts, sizes)
-            logger.info("Extracted %d prototypes in %.1f s.", len(prototypes), time.perf_counter() - started)
-        else:
-            prototypes, prompts, sizes = resumed
-            logger.info(
-                "Resuming %s: its %d prototypes and %d finished images are kept.",
-                run.folder,
-                len(prototypes),
-                run.images.count(),
-            )
-
-        # 4. Decode each image prototype, prompted by its retrieved caption, with its own seed.
-        started = time.perf_counter()
-        seeds = [prototype_seed(seed, index) for index in range(len(prototypes))]
-        bar_config = {
-            "desc": "Generating images",
-            **self._progress_bar_config,
-            **({} if self._shows_progress(state) else {"disable": True}),
-        }
-        with tqdm(total=len(prototypes), **bar_config) as bar:
-            made = synthesize(
-                self.unclip_pipeline(),
-                prototypes.image_prototypes,
-                prompts,
-                seeds,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                noise_level=noise_level,
-                negative_prompt=negative_prompt,
-                output_size=output_size,
-                batch_size=batch_size,
-                store=run.images if run is not None else None,
-                state=state,
-                progress=bar,
-            )
-        images = gather_dicts(made, state)
-        logger.info("Generated %d images in %.1f s.", len(images), time.perf_counter() - started)
-        self.maybe_free_model_hooks()
-
-        # 5. The distilled set; with output_dir, its folder, written by the main process.
-        distilled = build_distilled_dataset([images[index] for index in range(len(prototypes))], prototypes, prompts)
-        output = PDSPipelineOutput(
-            dataset=distilled,
-            prototypes=prototypes,
-            settings={**settings, **sizes},
-            provenance={**self.provenance(dataset), **(provenance or {})},
-        )
-        if run is not None:
-            if state.is_main_process:
-                output.save(run.output_dir, overwrite=overwrite)
-                run.finish()
-            barrier(state)
-        if not return_dict:
-            return distilled, prototypes
-        return output
-
-    def _start_run(self, output_dir, dataset, settings, image_column, caption_column, overwrite, fresh, state):
-        """The run state of ``output_dir``: started, or resumed when an interrupted run left one."""
-        run = RunState(output_dir)
-        if run.output_dir.exists() and not overwrite:
-            raise FileExistsError(
-                f"{run.output_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it."
-            )
         arguments = {
-            **settings,
+            **inputs.settings,
             "dataset": getattr(dataset, "_fingerprint", None),
             "image_column": image_column,
             "caption_column": caption_column,
+            "skip_invalid_rows": inputs.skip_invalid_rows,
             "models": self.weights_fingerprint(),
         }
-        if state.is_main_process:
-            run.start(arguments, fresh=fresh)
-        barrier(state)
-        if not state.is_main_process:
-            run.start(arguments)
-        return run
-
-    def _embed(self, dataset, table, image_column, caption_column, skip_invalid_rows, batch_size, cache, state):
-        """Step 2: embeddings from the cache, or computed (shared between processes) and cached."""
-        towers = (self.image_encoder, self.feature_extractor, self.clip_text_encoder, self.clip_tokenizer)
-        progress = self._shows_progress(state)
-        device = self._execution_device
-        if table is None:
-            # A stream is read once, by the main process.
-            embeddings = None
-            if state.is_main_process:
-                embeddings = embed_stream(
-                    dataset,
-                    image_column,
-                    caption_column,
-                    *towers,
-                    device,
-                    batch_size=batch_size,
-                    skip_invalid_rows=skip_invalid_rows,
-                    progress=progress,
-                )
-            return broadcast(embeddings, state)
-        if cache is not None:
-            description = {
-                "dataset": dataset._fingerprint,
-                "image_column": image_column,
-                "caption_column": caption_column,
-                "skip_invalid_rows": skip_invalid_rows,
-                "towers": towers_description(*towers),
-            }
-            key = cache_key(description)
-            cached = broadcast(cache.load(key) if state.is_main_process else None, state)
-            if cached is not None:
-                return cached
-        embeddings = embed_dataset(
-            dataset, table, image_column, *towers, device, batch_size=batch_size, progress=progress, state=state
+        logger.info(
+            "Distilling on %d process(es); k-means backend: %s.", state.num_processes, inputs.settings["kmeans_backend"]
         )
-        if cache is not None and state.is_main_process:
-            cache.save(key, embeddings, description)
+        with open_run(inputs.output_dir, arguments, fresh, state) as run:
+            resumed = run.checkpoint if run is not None else None
+
+            # 2. Embed every image once and every caption with CLIP, through the embedding cache. A resumed run
+            #    skips steps 2 and 3: its checkpoint holds what they made.
+            embeddings = None if resumed else self._embed(dataset, image_column, caption_column, inputs, state)
+
+            # 3. Prune, cluster and match on the main process: the prototypes, shared with every process.
+            checkpoint = resumed or self._find_prototypes(embeddings, inputs.settings, state)
+            if run is not None:
+                run.save_checkpoint(checkpoint, state)
+
+            # 4. Decode each image prototype, prompted by its retrieved caption, with its own seed.
+            images = self._decode(checkpoint, inputs.settings, run, state)
+
+            # 5. The distilled set; with output_dir, its folder, written by the main process.
+            output = PDSPipelineOutput(
+                dataset=build_distilled_dataset(images, checkpoint.prototypes, checkpoint.prompts),
+                prototypes=checkpoint.prototypes,
+                settings={**inputs.settings, **checkpoint.sizes},
+                provenance={**self.provenance(dataset), **(provenance or {})},
+            )
+            if run is not None:
+                if state.is_main_process:
+                    output.save(run.output_dir, overwrite=overwrite, protected=inputs.protected)
+                    run.finish()
+                barrier(state)
+        if not return_dict:
+            return output.dataset, output.prototypes
+        return output
+
+    def _embed(self, dataset, image_column: str, caption_column: str, inputs: CheckedInputs, state) -> Embeddings:
+        """Step 2: the embeddings of every image and caption, from the cache or computed by every process."""
+        started = time.perf_counter()
+        embeddings = embed(
+            dataset,
+            inputs.pairs,
+            image_column,
+            caption_column,
+            self.clip_towers,
+            self._execution_device,
+            batch_size=inputs.embedding_batch_size,
+            skip_invalid_rows=inputs.skip_invalid_rows,
+            cache=inputs.cache,
+            progress=self._shows_progress(state),
+            state=state,
+        )
+        logger.info(
+            "Embeddings of %d images and %d captions ready in %.1f s.",
+            len(embeddings.image_embeds),
+            len(embeddings.text_embeds),
+            time.perf_counter() - started,
+        )
         return embeddings
+
+    def _find_prototypes(self, embeddings: Embeddings, settings: dict, state) -> Checkpoint:
+        """Step 3: the prototypes (main process, broadcast), their prompts and the source's sizes."""
+        started = time.perf_counter()
+        prototypes = None
+        if state.is_main_process:
+            prototypes = extract_prototypes(
+                embeddings.image_embeds,
+                embeddings.text_embeds,
+                embeddings.caption_image,
+                budget=settings["budget"],
+                prune_ratio=settings["prune_ratio"],
+                normalize=settings["normalize"],
+                seed=settings["seed"],
+                kmeans_backend=settings["kmeans_backend"],
+            )
+        prototypes = broadcast(prototypes, state)
+        logger.info("Extracted %d prototypes in %.1f s.", len(prototypes), time.perf_counter() - started)
+        return Checkpoint(
+            prototypes=prototypes,
+            prompts=[embeddings.captions[index] for index in prototypes.caption_index],
+            sizes={
+                "source_images": len(embeddings.image_embeds),
+                "source_captions": len(embeddings.text_embeds),
+                "skipped_rows": len(embeddings.skipped_rows),
+            },
+        )
+
+    def _decode(self, checkpoint: Checkpoint, settings: dict, run: RunState | None, state) -> list[bytes]:
+        """Step 4: the PNG of every prototype, in order; each process makes its share, finished ones are kept."""
+        started = time.perf_counter()
+        count = len(checkpoint.prototypes)
+        bar = {"desc": "Generating images", **self._progress_config(), "disable": not self._shows_progress(state)}
+        with tqdm(total=count, **bar) as progress:
+            made = synthesize(
+                self.unclip_pipeline(),
+                checkpoint.prototypes.image_prototypes,
+                checkpoint.prompts,
+                [prototype_seed(settings["seed"], index) for index in range(count)],
+                num_inference_steps=settings["num_inference_steps"],
+                guidance_scale=settings["guidance_scale"],
+                noise_level=settings["noise_level"],
+                negative_prompt=settings["negative_prompt"],
+                output_size=settings["output_size"],
+                batch_size=settings["batch_size"],
+                store=run.images if run is not None else None,
+                state=state,
+                progress=progress,
+            )
+        images = gather_dicts(made, state)
+        self.maybe_free_model_hooks()
+        logger.info("Generated %d images in %.1f s.", count, time.perf_counter() - started)
+        return [images[index] for index in range(count)]
+
+    def _progress_config(self) -> dict:
+        """The progress-bar settings of ``set_progress_bar_config`` (none when it was never called)."""
+        return dict(getattr(self, "_progress_bar_config", {}))
 
     def _shows_progress(self, state) -> bool:
         """Progress bars: as configured, and from the main process only."""
-        return not self._progress_bar_config.get("disable", False) and state.is_main_process
+        return not self._progress_config().get("disable", False) and state.is_main_process
+
+    def local_folder(self) -> Path | None:
+        """The local folder this pipeline was loaded from, if any."""
+        name = self.name_or_path
+        return Path(name).resolve() if name and Path(name).is_dir() else None
 
     def weights_fingerprint(self) -> str:
         """A hash of every model component's class, config and a sample of its weights."""
@@ -470,8 +627,6 @@ class PDSPipeline(DiffusionPipeline):
 
     def provenance(self, dataset: datasets.Dataset) -> dict:
         """Where a distilled set comes from: the source dataset and the models, with revisions when known."""
-        from . import __version__
-
         unet_path = getattr(self.unet.config, "_name_or_path", "") or ""
         clip_config = self.clip_text_encoder.config
         return {
@@ -484,8 +639,46 @@ class PDSPipeline(DiffusionPipeline):
             "unclip_revision": snapshot_revision(unet_path),
             "clip_model": clip_config.name_or_path or "unknown",
             "clip_revision": getattr(clip_config, "_commit_hash", None) or snapshot_revision(clip_config.name_or_path),
-            "hf_pds_version": __version__,
+            "hf_pds_version": hf_pds_version(),
         }
+
+
+def source_folders(dataset) -> list[Path]:
+    """The folders holding a map-style dataset's files (its Arrow cache files)."""
+    files = getattr(dataset, "cache_files", None) or []
+    return sorted({Path(entry["filename"]).resolve().parent for entry in files})
+
+
+def check_pipeline_folder(path: str | os.PathLike) -> None:
+    """Raise ``ValueError`` when a local folder is not a diffusers pipeline folder or lacks a component folder
+    that its ``model_index.json`` names; a Hub id (no such local folder) is left to ``from_pretrained``."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        if folder.exists():
+            raise ValueError(f"{folder} is a file, not a pipeline folder.")
+        return
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ValueError(
+            f"{folder} is not a pipeline folder: it has no model_index.json. Give a folder written by "
+            "save_pretrained (a PDSPipeline or a stable unCLIP checkpoint) or a Hub id."
+        )
+    try:
+        components = json.loads(index.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{index} is not valid JSON: {error}") from error
+    missing = [
+        name
+        for name, value in components.items()
+        if not name.startswith("_")
+        and isinstance(value, list)
+        and value[0] is not None
+        and not (folder / name).is_dir()
+    ]
+    if missing:
+        raise ValueError(
+            f"{folder} lacks the component folder(s) {', '.join(missing)} that its model_index.json names."
+        )
 
 
 def snapshot_revision(path: str | None) -> str | None:

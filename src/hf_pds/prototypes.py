@@ -6,9 +6,15 @@ with five captions makes five pairs, each carrying the image's embedding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from typing import BinaryIO
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 # The reference settings of scikit-learn's MiniBatchKMeans (PDS and LoRS code).
 KMEANS_BATCH_SIZE = 10_000
@@ -53,37 +59,71 @@ class Prototypes:
     def __len__(self) -> int:
         return len(self.caption_index)
 
+    def save(self, file: str | os.PathLike | BinaryIO) -> None:
+        """Write every field into one ``.npz`` (a path or a binary file object); :meth:`load` gives them all back,
+        so that no field is lost on the way (a resumed run reads its prototypes so)."""
+        arrays = {item.name: getattr(self, item.name) for item in fields(self)}
+        scalars = {name: arrays.pop(name) for name in list(arrays) if not isinstance(arrays[name], np.ndarray)}
+        np.savez(file, **arrays, scalars=np.asarray(json.dumps(scalars)))
+
+    @classmethod
+    def load(cls, file: str | os.PathLike | BinaryIO) -> Prototypes:
+        """The prototypes that :meth:`save` wrote."""
+        with np.load(file, allow_pickle=False) as stored:
+            values = {name: stored[name] for name in stored.files if name != "scalars"}
+            values.update(json.loads(str(stored["scalars"])))
+        return cls(**values)
+
 
 def pairs_after_pruning(n_pairs: int, prune_ratio: float) -> int:
     """How many pairs survive pruning: the reference drops ``int(n_pairs * prune_ratio)``."""
     return n_pairs - int(n_pairs * prune_ratio)
 
 
-def check_budget(budget: int, n_pairs: int | None, prune_ratio: float, n_images: int | None = None) -> None:
-    """Raise ``ValueError`` unless ``budget`` prototypes can be drawn from ``n_pairs`` pairs of ``n_images``.
+def check_budget(budget: int, n_pairs: int | None = None, prune_ratio: float = 0.0, n_images: int | None = None) -> int:
+    """``budget`` as an int; ``ValueError`` unless ``budget`` prototypes can be drawn from ``n_pairs`` pairs of
+    ``n_images`` images after pruning ``prune_ratio`` of them.
 
-    With ``n_pairs=None`` (a stream not read yet) only the budget and the ratio themselves are checked.
+    With ``n_pairs=None`` (a stream not read yet) only the budget and the ratio themselves are checked. Numpy
+    integers count as integers; booleans do not.
     """
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
         raise ValueError(f"budget must be an integer, got {budget!r}.")
     if budget < 1:
         raise ValueError(f"budget must be at least 1, got {budget}.")
-    if not 0.0 <= prune_ratio < 1.0:
-        raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}.")
-    if n_pairs is None:
-        return
-    kept = pairs_after_pruning(n_pairs, prune_ratio)
-    if budget > kept:
-        raise ValueError(
-            f"budget={budget} is larger than the {kept} pairs left after pruning "
-            f"{n_pairs - kept} of {n_pairs} pairs (prune_ratio={prune_ratio}); "
-            "lower the budget or the prune_ratio."
-        )
+    check_prune_ratio(prune_ratio)
+    if n_pairs is not None:
+        kept = pairs_after_pruning(n_pairs, prune_ratio)
+        if budget > kept:
+            raise ValueError(
+                f"budget={budget} is larger than the {kept} pairs left after pruning "
+                f"{n_pairs - kept} of {n_pairs} pairs (prune_ratio={prune_ratio}); "
+                "lower the budget or the prune_ratio."
+            )
     if n_images is not None and budget > n_images:
         raise ValueError(
             f"budget={budget} is larger than the {n_images} distinct images; "
             "k-means cannot make more image clusters than there are images."
         )
+    return int(budget)
+
+
+def check_prune_ratio(prune_ratio: float) -> float:
+    """``prune_ratio`` as a float; ``ValueError`` unless it is a number in [0, 1)."""
+    if (
+        isinstance(prune_ratio, bool)
+        or not isinstance(prune_ratio, (int, float, np.integer, np.floating))
+        or not 0.0 <= prune_ratio < 1.0
+    ):
+        raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio!r}.")
+    return float(prune_ratio)
+
+
+def check_seed(seed: int) -> int:
+    """``seed`` as an int; ``ValueError`` unless it is an integer in [0, 2**32) (k-means' ``random_state``)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}.")
+    return int(seed)
 
 
 def _check_embeddings(name: str, embeds: np.ndarray) -> np.ndarray:
@@ -326,6 +366,7 @@ def extract_prototypes(
     matrices may be memory-mapped: they are read in blocks, and only the kept rows are copied.
     """
     # 1. Check inputs.
+    prune_ratio = check_prune_ratio(prune_ratio)
     image_embeds = _check_embeddings("image_embeds", image_embeds)
     text_embeds = _check_embeddings("text_embeds", text_embeds)
     caption_image = np.asarray(caption_image)
@@ -351,7 +392,10 @@ def extract_prototypes(
             "Use one CLIP model for both, or prune_ratio=0 for encoders of different spaces."
         )
     n_pairs = len(text_embeds)
-    check_budget(budget, n_pairs, prune_ratio, n_images=len(np.unique(caption_image)))
+    budget = check_budget(budget, n_pairs, prune_ratio, n_images=len(np.unique(caption_image)))
+    seed = check_seed(seed)
+    if not isinstance(normalize, (bool, np.bool_)):
+        raise ValueError(f"normalize must be True or False, got {normalize!r}.")
 
     # 2. Prune the least similar pairs.
     backend = resolve_kmeans_backend(kmeans_backend)
@@ -407,6 +451,14 @@ def extract_prototypes(
         raw_texts[in_prototype], prototype_of_pair[in_prototype], budget, text_centres[text_cluster]
     )
     support = table[image_cluster, text_cluster]
+    fallbacks = int((support == 0).sum())
+    if fallbacks:
+        logger.warning(
+            "%d of %d prototypes fell back to the k-means centres: no kept pair lies in both of their matched "
+            "clusters. Many identical images or captions do this; such prototypes represent no real pair.",
+            fallbacks,
+            budget,
+        )
     if shared_space:
         similarity = pair_cosine(image_prototypes, text_prototypes)
         order = np.argsort(-similarity, kind="stable")

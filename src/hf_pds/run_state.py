@@ -1,40 +1,63 @@
-"""The state of a distillation that writes to an output folder, kept so that it can be resumed.
+"""The work folder of a distillation that writes to an output folder: its lock, its checkpoint, its images.
 
-While ``pipe(..., output_dir=DIR)`` (CLI ``--output DIR``) runs, its state lives in a work folder beside
-``DIR``, ``.DIR.pds-run``: the run's arguments (``run.json``), its prototypes with their prompts
-(``prototypes.npz``) and one PNG per finished image (``images/``). Each file is written atomically. A run
-that dies, even by SIGKILL, is resumed by the same call with the same ``DIR``: finished images are kept,
-only the missing ones are made. ``DIR`` itself appears only when the whole output is written.
+While ``pipe(..., output_dir=DIR)`` (CLI ``--output DIR``) runs, its state lives in ``.DIR.pds-run`` beside ``DIR``:
+
+- ``lock``: held by the live run. A second run into ``DIR`` is refused at once. The operating system drops the lock
+  when its process ends, even by SIGKILL, so the next run takes over the folder of a dead one.
+- ``checkpoint.npz`` and ``checkpoint.json`` (the prototypes, their prompts and the source sizes), then
+  ``run.json`` (the run's arguments), written once the prototypes exist. From then on the run is resumable: the
+  same call makes only the missing images; a call with other arguments is refused and told what changed.
+- ``images/000042.png``: each finished image, written atomically.
+
+A run that fails before its prototypes exist (bad input, say) leaves no work folder. ``DIR`` itself appears only
+when the whole output is written, and then the work folder is removed.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 
+from .distributed import SINGLE_PROCESS, broadcast
+from .hub import write_atomically
 from .prototypes import Prototypes
 
-_PROTOTYPE_ARRAYS = (
-    "image_prototypes",
-    "text_prototypes",
-    "caption_index",
-    "image_cluster",
-    "text_cluster",
-    "support",
-    "similarity",
-)
+logger = logging.getLogger(__name__)
+
+_ARGUMENTS = "run.json"
+_CHECKPOINT_ARRAYS = "checkpoint.npz"
+_CHECKPOINT_DETAILS = "checkpoint.json"
+_LOCK = "lock"
 
 
-def _write_atomically(path: Path, content: bytes) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(content)
-    os.replace(partial, path)
+class RunInProgressError(FileExistsError):
+    """Another live run is writing the same output folder."""
+
+
+@dataclass
+class Checkpoint:
+    """What steps 2-3 produce and a resumed run restores instead of running them again.
+
+    Attributes:
+        prototypes: the prototypes of the run.
+        prompts: the retrieved caption of each prototype, in order.
+        sizes: ``source_images``, ``source_captions`` and ``skipped_rows`` of the source dataset.
+    """
+
+    prototypes: Prototypes
+    prompts: list[str]
+    sizes: dict
 
 
 def _canonical(value):
@@ -47,7 +70,6 @@ class ImageStore:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.folder.mkdir(parents=True, exist_ok=True)
 
     def path(self, index: int) -> Path:
         return self.folder / f"{index:06d}.png"
@@ -62,7 +84,8 @@ class ImageStore:
         return png
 
     def save(self, index: int, png: bytes) -> None:
-        _write_atomically(self.path(index), png)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.path(index), png)
 
     def count(self) -> int:
         """How many images are stored (readable or not)."""
@@ -70,72 +93,154 @@ class ImageStore:
 
 
 class RunState:
-    """The work folder of a run writing to ``output_dir``."""
+    """The work folder of a run writing to ``output_dir``; see the module's documentation."""
 
     def __init__(self, output_dir: str | os.PathLike):
-        self.output_dir = Path(output_dir).resolve()
+        self.output_dir = Path(output_dir).expanduser().resolve()
         self.folder = self.output_dir.parent / f".{self.output_dir.name}.pds-run"
-        self.images = None
+        self.images = ImageStore(self.folder / "images")
+        self.checkpoint: Checkpoint | None = None
+        self._arguments: dict = {}
+        self._lock = None
+        self._finished = False
 
-    def start(self, arguments: dict, fresh: bool = False) -> bool:
-        """Begin or resume the run; returns True when an earlier run is resumed.
+    def open(self, arguments: dict, fresh: bool = False, state=SINGLE_PROCESS) -> Checkpoint | None:
+        """Lock the work folder (main process) and read the checkpoint that an interrupted run with the same
+        ``arguments`` left; returns it, or None for a run that starts afresh.
 
         Raises:
-            ValueError: the work folder holds an interrupted run with other arguments (unless ``fresh``,
-                which discards it).
+            RunInProgressError: another live run writes the same output folder.
+            ValueError: the work folder holds an interrupted run with other arguments (unless ``fresh``, which
+                discards it).
         """
-        arguments = _canonical(arguments)
-        manifest = self.folder / "run.json"
-        if self.folder.exists() and fresh:
-            shutil.rmtree(self.folder)
-        resumed = manifest.exists()
-        if resumed:
+        self._arguments = _canonical(arguments)
+        refusal = None
+        if state.is_main_process:
+            try:
+                self._acquire()
+                self._settle(fresh)
+            except (RunInProgressError, ValueError) as error:
+                self._release()
+                refusal = error
+        refusal = broadcast(refusal, state)  # every process fails the same way
+        if refusal is not None:
+            raise refusal
+        self.checkpoint = self._load_checkpoint()
+        if self.checkpoint is not None and state.is_main_process:
+            logger.info(
+                "Resuming %s: its %d prototypes and %d finished images are kept.",
+                self.folder,
+                len(self.checkpoint.prototypes),
+                self.images.count(),
+            )
+        return self.checkpoint
+
+    def _acquire(self) -> None:
+        """Take the folder's lock, or raise when a live run holds it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle = open(self.folder / _LOCK, "a+", encoding="utf-8")  # noqa: SIM115 (held until close)
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform: one run at a time is up to the user
+            self._lock = handle
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise RunInProgressError(
+                f"Another run is writing {self.output_dir} ({holder}): wait for it to finish, or choose another "
+                "output folder."
+            ) from None
+        handle.seek(0)
+        previous = handle.read().strip()
+        if previous:
+            logger.info("Taking over the work folder %s of a run that ended (%s).", self.folder, previous)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        self._lock = handle
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops the lock
+            self._lock = None
+
+    def _settle(self, fresh: bool) -> None:
+        """Keep a resumable run with the same arguments; clear anything else (``fresh``: everything)."""
+        manifest = self.folder / _ARGUMENTS
+        if manifest.exists() and not fresh:
             previous = json.loads(manifest.read_text(encoding="utf-8"))
             changed = sorted(
-                key for key in previous.keys() | arguments.keys() if previous.get(key) != arguments.get(key)
+                key for key in previous.keys() | self._arguments.keys() if previous.get(key) != self._arguments.get(key)
             )
-            if changed:
-                details = "; ".join(f"{key}: {previous.get(key)!r} then, {arguments.get(key)!r} now" for key in changed)
-                raise ValueError(
-                    f"{self.folder} holds an interrupted run into {self.output_dir} with other arguments ({details}). "
-                    "Run again with the same arguments to resume it, or pass fresh=True (CLI: --fresh) to discard it."
-                )
-        else:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            _write_atomically(manifest, json.dumps(arguments, indent=1, sort_keys=True).encode())
-        self.images = ImageStore(self.folder / "images")
-        return resumed
+            if not changed:
+                return
+            details = "; ".join(
+                f"{key}: {previous.get(key)!r} then, {self._arguments.get(key)!r} now" for key in changed
+            )
+            raise ValueError(
+                f"{self.folder} holds an interrupted run into {self.output_dir} with other arguments ({details}). "
+                "Run again with the same arguments to resume it, or pass fresh=True (CLI: --fresh) to discard it."
+            )
+        # Not resumable (a run that died before its prototypes existed), or discarded: start clean.
+        for path in self.folder.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.name != _LOCK:
+                path.unlink()
 
-    def save_prototypes(self, prototypes: Prototypes, prompts: list[str], details: dict) -> None:
-        """Keep what synthesis and the final dataset need, so that a resumed run skips steps 2 and 3."""
-        buffer = io.BytesIO()
-        np.savez(buffer, **{name: getattr(prototypes, name) for name in _PROTOTYPE_ARRAYS})
-        _write_atomically(self.folder / "prototypes.npz", buffer.getvalue())
-        state = {
-            "prompts": prompts,
-            "n_pairs": prototypes.n_pairs,
-            "n_pruned": prototypes.n_pruned,
-            "prototype_settings": prototypes.settings,
-            **details,
-        }
-        _write_atomically(self.folder / "prototypes.json", json.dumps(state).encode())
-
-    def load_prototypes(self) -> tuple[Prototypes, list[str], dict] | None:
-        """What :meth:`save_prototypes` kept, or None when the run stopped before it."""
-        try:
-            with np.load(self.folder / "prototypes.npz") as arrays:
-                loaded = {name: arrays[name] for name in _PROTOTYPE_ARRAYS}
-            state = json.loads((self.folder / "prototypes.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError, KeyError):
+    def _load_checkpoint(self) -> Checkpoint | None:
+        if not (self.folder / _ARGUMENTS).exists():
             return None
-        prototypes = Prototypes(
-            **loaded,
-            n_pairs=state.pop("n_pairs"),
-            n_pruned=state.pop("n_pruned"),
-            settings=state.pop("prototype_settings"),
-        )
-        return prototypes, state.pop("prompts"), state
+        try:
+            prototypes = Prototypes.load(self.folder / _CHECKPOINT_ARRAYS)
+            details = json.loads((self.folder / _CHECKPOINT_DETAILS).read_text(encoding="utf-8"))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            logger.warning("The checkpoint of %s cannot be read (%s): starting afresh.", self.folder, error)
+            return None
+        return Checkpoint(prototypes=prototypes, prompts=details["prompts"], sizes=details["sizes"])
+
+    def save_checkpoint(self, checkpoint: Checkpoint, state=SINGLE_PROCESS) -> None:
+        """Keep what steps 2-3 made (main process), after which the run is resumable."""
+        if not state.is_main_process or self.checkpoint is not None:
+            return
+        buffer = io.BytesIO()
+        checkpoint.prototypes.save(buffer)
+        write_atomically(self.folder / _CHECKPOINT_ARRAYS, buffer.getvalue())
+        details = {"prompts": checkpoint.prompts, "sizes": checkpoint.sizes}
+        write_atomically(self.folder / _CHECKPOINT_DETAILS, json.dumps(details).encode())
+        # The arguments are written last: a folder with them holds a whole checkpoint.
+        write_atomically(self.folder / _ARGUMENTS, json.dumps(self._arguments, indent=1, sort_keys=True).encode())
+        self.checkpoint = checkpoint
 
     def finish(self) -> None:
-        """Forget the work folder once the output folder is in place."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """The output folder is in place: the work folder is no longer needed."""
+        self._finished = True
+
+    def close(self, state=SINGLE_PROCESS) -> None:
+        """Release the lock; remove the work folder unless it holds an interrupted, resumable run."""
+        if not state.is_main_process:
+            return
+        if self._finished or not (self.folder / _ARGUMENTS).exists():
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self._release()
+
+
+@contextmanager
+def open_run(
+    output_dir: str | os.PathLike | None, arguments: dict, fresh: bool = False, state=SINGLE_PROCESS
+) -> Iterator[RunState | None]:
+    """The opened :class:`RunState` of ``output_dir`` for the block (None without ``output_dir``), closed after it."""
+    if output_dir is None:
+        yield None
+        return
+    run = RunState(output_dir)
+    run.open(arguments, fresh, state)
+    try:
+        yield run
+    finally:
+        run.close(state)

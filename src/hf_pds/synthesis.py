@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
 import numpy as np
@@ -10,6 +9,7 @@ import PIL.Image
 import torch
 
 from .distributed import SINGLE_PROCESS
+from .pairs import encode_png
 
 # The paper's generation settings (PDS, Sec. 4 and its reference code).
 DEFAULT_NUM_INFERENCE_STEPS = 100
@@ -28,42 +28,11 @@ def prototype_seed(run_seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(run_seed), int(index)]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def check_generation_settings(
-    num_inference_steps: int,
-    guidance_scale: float,
-    noise_level: int,
-    max_noise_level: int,
-    output_size: int | None,
-    batch_size: int,
-) -> None:
-    """Raise ``ValueError`` naming the first unusable generation setting."""
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
-    if not isinstance(noise_level, int) or not 0 <= noise_level < max_noise_level:
-        raise ValueError(
-            f"noise_level must be an integer in [0, {max_noise_level}) (the image noising scheduler's "
-            f"num_train_timesteps), got {noise_level!r}."
-        )
-    if output_size is not None and (not isinstance(output_size, int) or output_size < 1):
-        raise ValueError(f"output_size must be a positive integer or None, got {output_size!r}.")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-
-
 def resize(image: PIL.Image.Image, output_size: int | None) -> PIL.Image.Image:
     """Square ``output_size`` x ``output_size`` with LANCZOS, as the reference; None keeps the size."""
     if output_size is None or image.size == (output_size, output_size):
         return image
     return image.resize((output_size, output_size), PIL.Image.LANCZOS)
-
-
-def encode_png(image: PIL.Image.Image) -> bytes:
-    """The PNG bytes of an image: what the distilled set and the run folder store."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @torch.no_grad()

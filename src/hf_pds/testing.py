@@ -75,25 +75,72 @@ def tiny_clip_tokenizer():
 
 
 def unclip_scheduler():
-    """The denoising scheduler of stable-diffusion-2-1-unclip(-small): DDIM, v-prediction."""
-    from diffusers import DDIMScheduler
+    """The denoising scheduler of stable-diffusion-2-1-unclip(-small), as its ``scheduler_config.json`` has it:
+    PNDM (PLMS steps only), v-prediction, scaled-linear betas 0.00085 to 0.012, "leading" spacing, offset 1."""
+    from diffusers import PNDMScheduler
 
-    return DDIMScheduler(
+    return PNDMScheduler(
+        num_train_timesteps=1000,
         beta_schedule="scaled_linear",
         beta_start=0.00085,
         beta_end=0.012,
         prediction_type="v_prediction",
         set_alpha_to_one=False,
+        skip_prk_steps=True,
         steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def image_noising_scheduler():
+    """The image-embedding noise schedule of stable-diffusion-2-1-unclip(-small): DDPM, squared cosine, 1000 steps."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+
+
+def _tiny_unet(image_embed_dim: int, cross_attention_dim: int):
+    """A two-block unCLIP UNet: conditioned on an image embedding (with its noise-level embedding) and on
+    prompt states of width ``cross_attention_dim``."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=TINY_IMAGE_SIZE,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        attention_head_dim=(2, 4),
+        class_embed_type="projection",
+        # unCLIP conditions on the image embedding concatenated with its noise-level embedding.
+        projection_class_embeddings_input_dim=image_embed_dim * 2,
+        cross_attention_dim=cross_attention_dim,
+        layers_per_block=1,
+        upcast_attention=True,
+        use_linear_projection=True,
+        norm_num_groups=32,
+    )
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(32,),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=TINY_IMAGE_SIZE,
     )
 
 
 def tiny_pds_components(seed: int = 0) -> dict:
     """The components of a tiny :class:`PDSPipeline`, with weights drawn from ``torch.manual_seed(seed)``."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
-        StableUnCLIPImageNormalizer,
-    )
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
     from transformers import (
         CLIPImageProcessor,
         CLIPTextConfig,
@@ -133,33 +180,8 @@ def tiny_pds_components(seed: int = 0) -> dict:
     clip_text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
     clip_text_encoder.config.name_or_path = f"hf_pds.testing tiny random CLIP (seed={seed})"
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    unet = UNet2DConditionModel(
-        sample_size=TINY_IMAGE_SIZE,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        attention_head_dim=(2, 4),
-        class_embed_type="projection",
-        # unCLIP conditions on the image embedding concatenated with its noise-level embedding.
-        projection_class_embeddings_input_dim=TINY_EMBED_DIM * 2,
-        cross_attention_dim=TINY_EMBED_DIM,
-        layers_per_block=1,
-        upcast_attention=True,
-        use_linear_projection=True,
-        norm_num_groups=32,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        block_out_channels=(32,),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=TINY_IMAGE_SIZE,
-    )
+    unet = _tiny_unet(image_embed_dim=TINY_EMBED_DIM, cross_attention_dim=TINY_EMBED_DIM)
+    vae = _tiny_vae()
     return {
         "feature_extractor": CLIPImageProcessor(
             size={"shortest_edge": TINY_IMAGE_SIZE},
@@ -167,7 +189,7 @@ def tiny_pds_components(seed: int = 0) -> dict:
         ),
         "image_encoder": image_encoder,
         "image_normalizer": StableUnCLIPImageNormalizer(embedding_dim=TINY_EMBED_DIM),
-        "image_noising_scheduler": DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        "image_noising_scheduler": image_noising_scheduler(),
         "tokenizer": tokenizer,
         "text_encoder": text_encoder,
         "unet": unet,
@@ -182,8 +204,99 @@ def tiny_pds_pipeline(seed: int = 0) -> PDSPipeline:
     """A complete :class:`PDSPipeline` with tiny random weights: no network, seconds on a CPU."""
     pipeline = PDSPipeline(**tiny_pds_components(seed))
     pipeline.register_to_config(_name_or_path=f"hf_pds.testing.tiny_pds_pipeline(seed={seed})")
-    pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+# The two public stable unCLIP checkpoints: the widths of their embedding spaces, and the CLIP model whose
+# vision tower is their image encoder (DESIGN.md, "The real checkpoints").
+CHECKPOINT_LAYOUTS = {
+    "stable-diffusion-2-1-unclip-small": {
+        "clip_model": "openai/clip-vit-large-patch14",
+        "vision_hidden": 1024,
+        "clip_text_hidden": 768,
+        "projection": 768,
+    },
+    "stable-diffusion-2-1-unclip": {
+        "clip_model": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        "vision_hidden": 1280,
+        "clip_text_hidden": 1024,
+        "projection": 1024,
+    },
+}
+# The prompt encoder of both checkpoints is OpenCLIP ViT-H/14's text tower.
+UNCLIP_TEXT_HIDDEN = 1024
+
+
+def save_checkpoint_like(
+    folder: str | Path, checkpoint: str = "stable-diffusion-2-1-unclip-small", seed: int = 0
+) -> tuple[Path, Path]:
+    """Write ``folder/unclip`` and ``folder/clip`` laid out exactly as ``stabilityai/<checkpoint>`` and its CLIP model
+    are when diffusers and transformers save them, with tiny random weights; returns the two folders.
+
+    ``unclip`` is a ``StableUnCLIPImg2ImgPipeline`` folder: the real components, classes, scheduler configs (PNDM,
+    v-prediction; DDPM squared cosine for the image noise) and embedding widths (768-d for ``-small``, 1024-d for
+    the other), no CLIP text tower. ``clip`` is a ``CLIPModel`` folder (both towers, tokenizer, image processor)
+    whose vision tower is the checkpoint's image encoder, as in the real pair. Every model has one layer.
+    """
+    from diffusers import StableUnCLIPImg2ImgPipeline
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    if checkpoint not in CHECKPOINT_LAYOUTS:
+        raise ValueError(f"checkpoint must be one of {sorted(CHECKPOINT_LAYOUTS)}, got {checkpoint!r}.")
+    layout = CHECKPOINT_LAYOUTS[checkpoint]
+    folder = Path(folder)
+    tokenizer = tiny_clip_tokenizer()
+    tokens = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+    )
+
+    # One layer of 64-wide heads and a tiny MLP; the widths are the real ones.
+    def one_layer(hidden: int) -> dict:
+        return dict(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=hidden // 64, intermediate_size=64)
+
+    projection = layout["projection"]
+    vision = dict(**one_layer(layout["vision_hidden"]), patch_size=14, image_size=224, projection_dim=projection)
+
+    torch.manual_seed(seed)
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config=dict(**one_layer(layout["clip_text_hidden"]), projection_dim=projection, **tokens),
+            vision_config=vision,
+            projection_dim=projection,
+        )
+    )
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision))
+    image_encoder.load_state_dict(
+        {name: value for name, value in clip.state_dict().items() if name.startswith(("vision_model.", "visual_"))}
+    )
+    components = {
+        "feature_extractor": CLIPImageProcessor(),
+        "image_encoder": image_encoder,
+        "image_normalizer": StableUnCLIPImageNormalizer(embedding_dim=projection),
+        "image_noising_scheduler": image_noising_scheduler(),
+        "tokenizer": tokenizer,
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**one_layer(UNCLIP_TEXT_HIDDEN), **tokens)),
+        "unet": _tiny_unet(image_embed_dim=projection, cross_attention_dim=UNCLIP_TEXT_HIDDEN),
+        "scheduler": unclip_scheduler(),
+        "vae": _tiny_vae(),
+    }
+    StableUnCLIPImg2ImgPipeline(**components).save_pretrained(folder / "unclip")
+    clip.save_pretrained(folder / "clip")
+    tokenizer.save_pretrained(folder / "clip")
+    CLIPImageProcessor().save_pretrained(folder / "clip")
+    return folder / "unclip", folder / "clip"
 
 
 _DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

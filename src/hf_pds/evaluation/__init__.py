@@ -21,7 +21,7 @@ _EXPORTS = {
     "RetrievalSplit": "student",
     "train_student": "student",
     "train_students": "student",
-    "summarize": "student",
+    "summarize": "report",
     "TrainingPool": "runner",
     "method_pairs": "runner",
     "run_method": "runner",
@@ -67,9 +67,9 @@ if TYPE_CHECKING:
     from .coreset import coverage_radius, pds_select, pick_captions, select_coreset
     from .encoders import encode_cached, load_image_encoder, load_text_encoder
     from .metrics import retrieval_metrics, retrieval_metrics_from_features
-    from .report import markdown_table, summarize_records, write_report
+    from .report import markdown_table, summarize, summarize_records, write_report
     from .runner import TrainingPool, encode_split, method_pairs, run_grid, run_method
-    from .student import RetrievalSplit, StudentConfig, StudentRun, summarize, train_student, train_students
+    from .student import RetrievalSplit, StudentConfig, StudentRun, train_student, train_students
 
 
 def __getattr__(name: str):

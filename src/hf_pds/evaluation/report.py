@@ -3,17 +3,42 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .student import summarize
+from .student import METRIC_KEYS, StudentRun
 
 RECALL_KEYS = ("ir1", "ir5", "ir10", "tr1", "tr5", "tr10")
 TABLE_KEYS = ("rsum", *RECALL_KEYS)
 LABELS = {"rsum": "rsum", "ir1": "IR@1", "ir5": "IR@5", "ir10": "IR@10", "tr1": "TR@1", "tr5": "TR@5", "tr10": "TR@10"}
 REPORT_FILES = {"markdown": "results.md", "json": "results.json", "plot": "recall_vs_budget.png"}
+
+
+def summarize(runs: Sequence[StudentRun | dict], which: str = "test") -> dict[str, dict[str, float]]:
+    """Mean and sample standard deviation (``ddof=1``; 0 for a single run) over runs of each metric of
+    ``which`` (``"test"``, ``"validation"`` or ``"test_selected"``): ``{"ir1": {"mean", "std", "n"}, ...}``."""
+    if not runs:
+        raise ValueError("no runs to summarise.")
+    records = [run.to_dict() if isinstance(run, StudentRun) else run for run in runs]
+    if which == "test_selected":
+        if any(record.get("test_selected") is None for record in records):
+            raise ValueError("test-selected figures were not computed (report_test_selected=False).")
+        values = [record["test_selected"]["metrics"] for record in records]
+    elif which in ("test", "validation"):
+        values = [record[which] for record in records]
+    else:
+        raise ValueError(f"unknown figures {which!r}; choose test, validation or test_selected.")
+    summary = {}
+    for key in METRIC_KEYS:
+        column = np.asarray([value[key] for value in values], dtype=np.float64)
+        std = float(column.std(ddof=1)) if len(column) > 1 else 0.0
+        summary[key] = {"mean": float(column.mean()), "std": std, "n": len(column)}
+    if not all(math.isfinite(entry["mean"]) for entry in summary.values()):
+        raise ValueError("non-finite metrics in the runs.")
+    return summary
 
 
 def summarize_records(records: Sequence[dict], which: str = "test") -> list[dict]:

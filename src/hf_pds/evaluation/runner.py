@@ -176,30 +176,6 @@ def train_on_pairs(
     return records
 
 
-def flatten_captions(captions: Sequence[str | Sequence[str]]) -> tuple[list[str], np.ndarray]:
-    """A caption column (a string or a list of strings per row) as a flat list and the row of each caption."""
-    flat: list[str] = []
-    rows: list[int] = []
-    for row, value in enumerate(captions):
-        texts = [value] if isinstance(value, str) else list(value)
-        if not texts or not all(isinstance(text, str) and text.strip() for text in texts):
-            raise ValueError(f"row {row} has no caption or an empty one: {value!r:.80}")
-        flat.extend(texts)
-        rows.extend([row] * len(texts))
-    return flat, np.asarray(rows, dtype=np.int64)
-
-
-def undecoded_images(dataset, image_column: str = "image") -> list:
-    """The image cells of a ``datasets.Dataset`` as ``{"bytes", "path"}`` dicts, not decoded: the encoders decode
-    them one batch at a time, so a large split never sits in memory as pixels."""
-    import datasets
-
-    feature = dataset.features.get(image_column)
-    if isinstance(feature, datasets.Image):
-        return list(dataset.cast_column(image_column, datasets.Image(decode=False))[image_column])
-    return list(dataset[image_column])
-
-
 def encode_split(
     dataset,
     image_encoder,
@@ -209,16 +185,15 @@ def encode_split(
     cache_dir=None,
 ) -> TrainingPool:
     """Frozen features of a ``datasets.Dataset`` split (cached on disk, see :func:`encode_cached`): one image
-    row per dataset row, one text row per caption."""
+    row per dataset row, one text row per caption. The rows are read and checked as the distillation reads them
+    (:func:`hf_pds.pairs.read_pairs`): a bad row raises ``ValueError`` naming it."""
+    from ..pairs import read_pairs, undecoded_cells
     from .encoders import encode_cached
 
-    for column in (image_column, caption_column):
-        if column not in dataset.column_names:
-            raise ValueError(f"the dataset has no column {column!r}; its columns are {dataset.column_names}.")
-    texts, caption_image = flatten_captions(dataset[caption_column])
-    image_features = encode_cached(image_encoder, undecoded_images(dataset, image_column), cache_dir)
-    text_features = encode_cached(text_encoder, texts, cache_dir)
-    return TrainingPool(image_features, text_features, caption_image)
+    pairs = read_pairs(dataset, image_column, caption_column)
+    image_features = encode_cached(image_encoder, list(undecoded_cells(dataset, image_column)), cache_dir)
+    text_features = encode_cached(text_encoder, pairs.captions, cache_dir)
+    return TrainingPool(image_features, text_features, pairs.caption_image)
 
 
 def retrieval_split(pool: TrainingPool) -> RetrievalSplit:

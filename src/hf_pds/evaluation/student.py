@@ -16,7 +16,6 @@ The test-selected figure (best epoch on TEST, what the reference code reports) i
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -320,27 +319,3 @@ def train_students(
 ) -> list[StudentRun]:
     """:func:`train_student` once per seed on the same pairs."""
     return [train_student(train_images, train_texts, validation, test, config, seed, image_backbone) for seed in seeds]
-
-
-def summarize(runs: Sequence[StudentRun | dict], which: str = "test") -> dict[str, dict[str, float]]:
-    """Mean and sample standard deviation (``ddof=1``; 0 for a single run) over runs of each metric of
-    ``which`` (``"test"``, ``"validation"`` or ``"test_selected"``): ``{"ir1": {"mean", "std", "n"}, ...}``."""
-    if not runs:
-        raise ValueError("no runs to summarise.")
-    records = [run.to_dict() if isinstance(run, StudentRun) else run for run in runs]
-    if which == "test_selected":
-        if any(record.get("test_selected") is None for record in records):
-            raise ValueError("test-selected figures were not computed (report_test_selected=False).")
-        values = [record["test_selected"]["metrics"] for record in records]
-    elif which in ("test", "validation"):
-        values = [record[which] for record in records]
-    else:
-        raise ValueError(f"unknown figures {which!r}; choose test, validation or test_selected.")
-    summary = {}
-    for key in METRIC_KEYS:
-        column = np.asarray([value[key] for value in values], dtype=np.float64)
-        std = float(column.std(ddof=1)) if len(column) > 1 else 0.0
-        summary[key] = {"mean": float(column.mean()), "std": std, "n": len(column)}
-    if not all(math.isfinite(entry["mean"]) for entry in summary.values()):
-        raise ValueError("non-finite metrics in the runs.")
-    return summary
