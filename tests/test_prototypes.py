@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 
 from hf_pds import Prototypes, extract_prototypes
-from hf_pds.prototypes import count_table, kmeans, match_clusters, pair_cosine, prune_pairs
+from hf_pds.prototypes import count_table, kmeans, match_clusters, pair_cosine, pairs_after_pruning, prune_pairs
 
 DIM = 16
 
 
-@pytest.fixture(params=["sklearn", "fast", "faiss"])
+@pytest.fixture(params=["sklearn", "fast", "faiss", "torch"])
 def backend(request):
     return request.param
 
@@ -281,15 +281,15 @@ def test_budget_above_images_left_after_pruning_is_refused():
 
 
 def test_k_means_counts_an_image_once_per_caption(monkeypatch, backend):
-    """sklearn and fast cluster one row per pair, as the reference; faiss weights each image by its pairs."""
+    """sklearn and fast cluster one row per pair, as the reference; faiss and torch weight each image by its pairs."""
     import hf_pds.prototypes as module
 
     seen = []
     real_kmeans = module.kmeans
 
-    def recording_kmeans(points, n_clusters, seed, used_backend="sklearn", weights=None):
+    def recording_kmeans(points, n_clusters, seed, used_backend="sklearn", weights=None, **options):
         seen.append((points.copy(), weights))
-        return real_kmeans(points, n_clusters, seed, used_backend, weights)
+        return real_kmeans(points, n_clusters, seed, used_backend, weights, **options)
 
     monkeypatch.setattr(module, "kmeans", recording_kmeans)
     data = planted_concepts(captions_per_image=2)
@@ -302,7 +302,7 @@ def test_k_means_counts_an_image_once_per_caption(monkeypatch, backend):
         kmeans_backend=backend,
     )
     (image_points, image_weights), (text_points, text_weights) = seen
-    if backend == "faiss":
+    if backend in ("faiss", "torch"):
         np.testing.assert_array_equal(image_points, data["image_embeds"])
         np.testing.assert_array_equal(image_weights, np.full(len(data["image_embeds"]), 2))
     else:
@@ -406,3 +406,213 @@ def test_fast_seeding_is_k_means_plus_plus():
     centres = kmeans_plusplus(points, 6, np.random.default_rng(1))
     nearest_group = np.linalg.norm(centres[:, None] - groups[None], axis=2).argmin(axis=1)
     assert sorted(nearest_group.tolist()) == [0, 1, 2, 3, 4, 5]
+
+
+def many_concepts(seed=0):
+    """60 well-separated concepts, 3 to 6 images each, 5 captions per image, 60 mislabeled captions."""
+    return planted_concepts(
+        n_concepts=60, images_per_concept=(3, 4, 5, 6) * 15, captions_per_image=5, seed=seed, mislabeled=60
+    )
+
+
+@pytest.mark.parametrize("budget", [20, 60])
+def test_torch_backend_matches_as_many_pairs_as_faiss(budget):
+    data = many_concepts()
+    args = (data["image_embeds"], data["text_embeds"], data["caption_image"])
+    matched = {
+        backend: int(extract_prototypes(*args, budget=budget, kmeans_backend=backend).support.sum())
+        for backend in ("faiss", "torch")
+    }
+    kept = pairs_after_pruning(len(data["caption_image"]), 0.2)
+    assert matched["faiss"] > 0.4 * kept
+    assert abs(matched["torch"] - matched["faiss"]) <= 0.02 * matched["faiss"], matched
+
+
+def test_torch_k_means_is_faiss_k_means_from_the_same_start():
+    """Same initial centres, same weights: the same labels and, up to rounding, the same centres."""
+    rng = np.random.default_rng(6)
+    groups = rng.normal(size=(12, 8)) * 4
+    points = (groups[rng.integers(0, 12, 600)] + rng.normal(size=(600, 8))).astype(np.float32)
+    weights = rng.integers(1, 6, 600)
+    init = points[rng.choice(600, 12, replace=False)]
+    faiss_labels, faiss_centres = kmeans(points, 12, 0, "faiss", weights=weights, init=init)
+    torch_labels, torch_centres = kmeans(points, 12, 0, "torch", weights=weights, init=init)
+    np.testing.assert_array_equal(torch_labels, faiss_labels)
+    np.testing.assert_allclose(torch_centres, faiss_centres, rtol=1e-5, atol=1e-5)
+    for label in range(12):
+        members = torch_labels == label
+        np.testing.assert_allclose(
+            torch_centres[label], np.average(points[members], axis=0, weights=weights[members]), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_torch_k_means_in_small_blocks_gives_the_same_clusters(monkeypatch):
+    """Distances and sums are computed a block of rows at a time: the block size changes no label."""
+    import hf_pds.prototypes as module
+
+    rng = np.random.default_rng(10)
+    points = (rng.normal(size=(9, 6))[rng.integers(0, 9, 1001)] * 3 + rng.normal(size=(1001, 6))).astype(np.float32)
+    weights = rng.integers(1, 4, 1001)
+    whole = kmeans(points, 9, 0, "torch", weights=weights)
+    monkeypatch.setattr(module, "TORCH_BLOCK_ELEMENTS", 9 * 100)  # blocks of 100 rows, the last one of 1
+    monkeypatch.setattr(module, "TORCH_ACCUMULATE_ELEMENTS", 6 * 7)  # sums 7 rows at a time
+    blocked = kmeans(points, 9, 0, "torch", weights=weights)
+    np.testing.assert_array_equal(blocked[0], whole[0])
+    np.testing.assert_allclose(blocked[1], whole[1], rtol=1e-6, atol=1e-6)
+
+
+def test_torch_k_means_is_deterministic_given_the_seed():
+    rng = np.random.default_rng(7)
+    points = rng.normal(size=(500, 6)).astype(np.float32)
+    weights = rng.integers(1, 4, 500)
+    first = kmeans(points, 15, 3, "torch", weights=weights)
+    second = kmeans(points, 15, 3, "torch", weights=weights)
+    other = kmeans(points, 15, 4, "torch", weights=weights)
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+    assert not np.array_equal(first[1], other[1])  # the seed is used
+
+
+def test_torch_seeding_draws_as_the_numpy_seeding():
+    """The torch k-means++ consumes the generator as kmeans_plusplus does: the same centres, weights honoured."""
+    import torch
+
+    from hf_pds.prototypes import _torch_kmeans_plusplus, kmeans_plusplus
+
+    rng = np.random.default_rng(0)
+    groups = rng.normal(size=(10, 8)) * 50
+    points = (np.repeat(groups, 30, axis=0) + rng.normal(size=(300, 8))).astype(np.float32)
+    weights = rng.integers(1, 5, 300).astype(np.float64)
+    expected = kmeans_plusplus(points, 10, np.random.default_rng(1), weights)
+    centres = _torch_kmeans_plusplus(torch.from_numpy(points), torch.from_numpy(weights), 10, np.random.default_rng(1))
+    np.testing.assert_array_equal(centres.numpy(), expected)
+    nearest_group = np.linalg.norm(expected[:, None] - groups[None], axis=2).argmin(axis=1)
+    assert sorted(nearest_group.tolist()) == list(range(10))
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_a_weight_counts_as_repeated_rows(backend):
+    rng = np.random.default_rng(8)
+    points = (rng.normal(size=(8, 5))[rng.integers(0, 8, 150)] * 3 + rng.normal(size=(150, 5))).astype(np.float32)
+    weights = rng.integers(1, 4, 150)
+    init = points[:8]
+    labels, centres = kmeans(points, 8, 0, backend, weights=weights, init=init)
+    repeated_labels, repeated_centres = kmeans(np.repeat(points, weights, axis=0), 8, 0, backend, init=init)
+    np.testing.assert_array_equal(np.repeat(labels, weights), repeated_labels)
+    np.testing.assert_allclose(centres, repeated_centres, rtol=1e-5, atol=1e-5)
+    # The weights matter: unweighted, the centres are other means.
+    assert not np.allclose(kmeans(points, 8, 0, backend, init=init)[1], centres, atol=1e-3)
+
+
+def test_torch_k_means_refills_an_empty_cluster_by_splitting_one():
+    """As faiss: a centre left without points takes a perturbed copy of another centre, which it then splits."""
+    rng = np.random.default_rng(9)
+    points = np.concatenate([5 + rng.normal(size=(40, 4)), -5 + rng.normal(size=(40, 4))]).astype(np.float32)
+    init = np.array([[5.0] * 4, [-5.0] * 4, [1000.0] * 4], dtype=np.float32)  # the third centre gets no point
+    for backend in ("faiss", "torch"):
+        labels, centres = kmeans(points, 3, 0, backend, init=init)
+        assert np.bincount(labels, minlength=3).min() > 0, backend
+        for label in range(3):
+            np.testing.assert_allclose(centres[label], points[labels == label].mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_backend_and_device_choice_are_checked(monkeypatch):
+    import torch
+
+    import hf_pds.prototypes as module
+
+    assert module.resolve_kmeans_backend("auto", device="cuda") == "torch"
+    assert module.resolve_kmeans_backend(None, device=torch.device("cuda", 1)) == "torch"
+    assert module.resolve_kmeans_backend("auto", device="cpu") == module.resolve_kmeans_backend("auto") == "faiss"
+    assert module.resolve_kmeans_backend("faiss", device="cuda") == "faiss"  # an explicit backend is kept
+    assert module.resolve_kmeans_backend("torch") == "torch"
+    monkeypatch.setattr(module, "faiss_available", lambda: False)
+    assert module.resolve_kmeans_backend("auto", device=torch.device("cpu")) == "fast"
+    with pytest.raises(ValueError, match=r"kmeans_backend must be one of \(.*'torch'\) or 'auto', got 'gpu'"):
+        module.resolve_kmeans_backend("gpu")
+    for device in ("gpu", "cuda:x", 3):
+        with pytest.raises(ValueError, match=rf"device must be .* got {device!r}"):
+            module.resolve_kmeans_backend("auto", device=device)
+    data = planted_concepts()
+    args = (data["image_embeds"], data["text_embeds"], data["caption_image"])
+    with pytest.raises(ValueError, match="device must be"):
+        extract_prototypes(*args, budget=5, kmeans_backend="torch", device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda' cannot be used by the torch k-means backend"):
+            extract_prototypes(*args, budget=5, kmeans_backend="torch", device="cuda")
+    protos = extract_prototypes(*args, budget=5, kmeans_backend="torch", device="cpu")
+    assert protos.settings["kmeans_backend"] == "torch"
+
+
+EXTREME_SCALES = (1e30, 1e-30)
+
+
+def assert_same_prototypes_at_scale(scaled, protos, scale):
+    np.testing.assert_array_equal(scaled.caption_index, protos.caption_index)
+    np.testing.assert_array_equal(scaled.image_cluster, protos.image_cluster)
+    np.testing.assert_array_equal(scaled.text_cluster, protos.text_cluster)
+    np.testing.assert_array_equal(scaled.support, protos.support)
+    np.testing.assert_allclose(scaled.similarity, protos.similarity, rtol=1e-5)
+    assert np.isfinite(scaled.image_prototypes).all() and np.isfinite(scaled.text_prototypes).all()
+    np.testing.assert_allclose(scaled.image_prototypes / scale, protos.image_prototypes, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(scaled.text_prototypes / scale, protos.text_prototypes, rtol=1e-4, atol=1e-4)
+
+
+def test_pair_cosine_of_extreme_rows_is_finite():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(4, 768)).astype(np.float32), rng.normal(size=(4, 768)).astype(np.float32)
+    expected = pair_cosine(a, b)
+    np.testing.assert_allclose(pair_cosine(a * np.float32(1e30), b * np.float32(1e-30)), expected, rtol=1e-5)
+
+
+def test_torch_backend_clusters_extreme_embeddings_as_ordinary_ones():
+    data = planted_concepts(mislabeled=6)
+    protos = extract_prototypes(
+        data["image_embeds"], data["text_embeds"], data["caption_image"], budget=5, kmeans_backend="torch"
+    )
+    for scale in EXTREME_SCALES:
+        scaled = extract_prototypes(
+            data["image_embeds"] * np.float32(scale),
+            data["text_embeds"] * np.float32(scale),
+            data["caption_image"],
+            budget=5,
+            kmeans_backend="torch",
+        )
+        assert_same_prototypes_at_scale(scaled, protos, scale)
+
+
+def test_faiss_backend_survives_extreme_embeddings(tmp_path):
+    """faiss aborts the interpreter (a C++ assertion) on float32 overflow: run it in a process of its own."""
+    import subprocess
+    import sys
+
+    data = planted_concepts(mislabeled=6)
+    np.savez(tmp_path / "data.npz", **{key: data[key] for key in ("image_embeds", "text_embeds", "caption_image")})
+    code = f"""
+import numpy as np
+from hf_pds import extract_prototypes
+data = np.load({str(tmp_path / "data.npz")!r})
+results = {{}}
+for scale in (1.0,) + {EXTREME_SCALES!r}:
+    protos = extract_prototypes(data["image_embeds"] * np.float32(scale), data["text_embeds"] * np.float32(scale),
+                                data["caption_image"], budget=5, kmeans_backend="faiss")
+    for name in ("caption_index", "image_cluster", "text_cluster", "support", "similarity", "image_prototypes",
+                 "text_prototypes"):
+        results[f"{{scale}}-{{name}}"] = getattr(protos, name)
+np.savez({str(tmp_path / "out.npz")!r}, **results)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = np.load(tmp_path / "out.npz")
+    names = (
+        "caption_index",
+        "image_cluster",
+        "text_cluster",
+        "support",
+        "similarity",
+        "image_prototypes",
+        "text_prototypes",
+    )
+    protos = Prototypes(**{name: out[f"1.0-{name}"] for name in names})
+    for scale in EXTREME_SCALES:
+        assert_same_prototypes_at_scale(Prototypes(**{name: out[f"{scale}-{name}"] for name in names}), protos, scale)

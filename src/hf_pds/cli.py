@@ -71,7 +71,8 @@ def _add_distill_options(distill: argparse.ArgumentParser, defaults: dict) -> No
         choices=("auto", *KMEANS_BACKENDS),
         default=defaults["kmeans_backend"],
         help="k-means: sklearn (the reference's MiniBatchKMeans call), fast (the same, seeded faster), faiss "
-        "(Lloyd); auto (the default): faiss when installed, else fast",
+        "(weighted Lloyd), torch (the same on the --device); auto (the default): torch on a CUDA device, else faiss "
+        "when installed, else fast",
     )
     generation = distill.add_argument_group("generation")
     generation.add_argument(

@@ -354,7 +354,7 @@ class PDSPipeline(DiffusionPipeline):
         prune_ratio = check_prune_ratio(prune_ratio)
         seed = check_seed(seed)
         embedding_batch_size = _integer("embedding_batch_size", embedding_batch_size, 1)
-        kmeans_backend = resolve_kmeans_backend(kmeans_backend)
+        kmeans_backend = resolve_kmeans_backend(kmeans_backend, device=self._execution_device)
         cache_dir = _optional_path("cache_dir", cache_dir)
         output_dir = _optional_path("output_dir", output_dir)
 
@@ -458,9 +458,10 @@ class PDSPipeline(DiffusionPipeline):
             skip_invalid_rows (`bool`, defaults to `False`): leave out rows with a missing or undecodable image or an
                 empty caption (with a warning that gives the reason) instead of raising.
             kmeans_backend (`str`, defaults to `"auto"`): `"sklearn"` (the reference's MiniBatchKMeans call),
-                `"fast"` (the same MiniBatchKMeans with a faster k-means++ seeding), `"faiss"` (Lloyd iterations;
-                `pip install hf-pds[faiss]`), or `"auto"`: faiss when installed, else fast. The choice is logged
-                and written into the card.
+                `"fast"` (the same MiniBatchKMeans with a faster k-means++ seeding), `"faiss"` (weighted Lloyd
+                iterations; `pip install hf-pds[faiss]`), `"torch"` (the faiss algorithm on the pipeline's device),
+                or `"auto"`: torch on a CUDA device, else faiss when installed, else fast. The choice is logged and
+                written into the card.
             output_dir (`str`, *optional*): also save the distilled set there, as a Hub-layout folder, and make the
                 run resumable: images are kept as they are made in a work folder beside it, and the same call after
                 an interruption (even SIGKILL) makes only the missing ones. The folder appears when complete. A
@@ -564,6 +565,7 @@ class PDSPipeline(DiffusionPipeline):
                 normalize=settings["normalize"],
                 seed=settings["seed"],
                 kmeans_backend=settings["kmeans_backend"],
+                device=self._execution_device,
             )
         prototypes = broadcast(prototypes, state)
         logger.info("Extracted %d prototypes in %.1f s.", len(prototypes), time.perf_counter() - started)
