@@ -1,5 +1,6 @@
 import os
 import tempfile
+from pathlib import Path
 
 # Before any Hugging Face import: a stray download must fail at once, and caches stay out of $HOME.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -9,6 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_PDS_CACHE"] = tempfile.mkdtemp(prefix="hf-pds-test-embeddings-")
 
 
+import datasets
 import pytest
 
 
@@ -26,3 +28,70 @@ def dataset():
     from helpers import mixed_dataset
 
     return mixed_dataset(10)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """Both public stable unCLIP checkpoints and their CLIP models, laid out as the real ones with tiny weights:
+    ``{name: SimpleNamespace(unclip, clip, hub_id, clip_id, revision)}``, and ``cache``, a Hub cache that holds
+    them under their real ids (so that ``from_pretrained("stabilityai/...")`` resolves offline)."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from helpers import hub_cache
+    from hf_pds.testing import CHECKPOINT_LAYOUTS, save_checkpoint_like
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    found, repos = {}, {}
+    for name, layout in CHECKPOINT_LAYOUTS.items():
+        unclip, clip = save_checkpoint_like(root / name, name)
+        hub_id = f"stabilityai/{name}"
+        repos.update({hub_id: unclip, layout["clip_model"]: clip})
+        found[name] = SimpleNamespace(
+            unclip=unclip,
+            clip=clip,
+            hub_id=hub_id,
+            clip_id=layout["clip_model"],
+            revision=hashlib.sha1(hub_id.encode()).hexdigest(),
+        )
+    return SimpleNamespace(
+        cache=hub_cache(root / "hub", repos),
+        **{name.replace("-", "_"): entry for name, entry in found.items()},
+        by_name=found,
+    )
+
+
+@pytest.fixture(scope="module")
+def distilled():
+    """A distilled set of 5 pairs, made by the tiny pipeline from a Parquet file of 12 images."""
+    from hf_pds.testing import tiny_pds_pipeline
+
+    pipe = tiny_pds_pipeline()
+    source = datasets.load_dataset("parquet", data_files={"train": _source_parquet()}, split="train")
+    return pipe(source, budget=5, num_inference_steps=2, output_size=48)
+
+
+def _source_parquet() -> str:
+    from helpers import mixed_dataset
+
+    path = Path(tempfile.mkdtemp()) / "source.parquet"
+    mixed_dataset(12).to_parquet(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def saved(distilled, tmp_path_factory):
+    return distilled.save(tmp_path_factory.mktemp("saved") / "pds-5")
+
+
+@pytest.fixture(scope="module")
+def saved_inputs(tmp_path_factory):
+    """A saved tiny pipeline and a Parquet dataset folder of 12 images, as the command line reads them."""
+    from helpers import mixed_dataset
+    from hf_pds.testing import tiny_pds_pipeline
+
+    folder = tmp_path_factory.mktemp("inputs")
+    tiny_pds_pipeline().save_pretrained(folder / "pipe")
+    (folder / "source").mkdir()
+    mixed_dataset(12).to_parquet(folder / "source" / "train.parquet")
+    return folder

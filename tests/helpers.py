@@ -1,10 +1,18 @@
-"""Datasets shared by the tests."""
+"""Datasets, checkpoint folders and README snippets shared by the tests."""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
 import PIL.Image
 
 IMAGE_MODES = ("RGB", "L", "P", "RGBA", "CMYK", "LA", "I;16")
+REPO = Path(__file__).resolve().parent.parent
 # Generation settings that keep a tiny-pipeline run under a second.
 FAST = {"num_inference_steps": 2, "output_size": 40}
 
@@ -34,3 +42,60 @@ def mixed_dataset(n_images: int = 10, seed: int = 0) -> datasets.Dataset:
     ]
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.List(datasets.Value("string"))})
     return datasets.Dataset.from_dict({"image": images, "caption": captions}, features=features)
+
+
+def hub_cache(folder: Path, repos: dict[str, Path]) -> Path:
+    """A Hugging Face Hub cache (``HF_HUB_CACHE`` layout) holding each local folder as the ``main`` snapshot of a
+    model repo id, so that ``from_pretrained(repo_id)`` resolves it offline, exactly as it resolves a download."""
+    for repo_id, source in repos.items():
+        commit = hashlib.sha1(repo_id.encode()).hexdigest()
+        repo = folder / f"models--{repo_id.replace('/', '--')}"
+        shutil.copytree(source, repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+    return folder
+
+
+def readme_block(heading: str, index: int = 0) -> str:
+    """The code of fenced block ``index`` under the README section ``## {heading}``."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```")[2 * index + 1].split("\n", 1)[1]
+
+
+def count_clip_calls(pipe):
+    calls = []
+    hooks = [
+        tower.register_forward_pre_hook(lambda module, args: calls.append(type(module).__name__))
+        for tower in (pipe.image_encoder, pipe.clip_text_encoder)
+    ]
+    return calls, hooks
+
+
+def folder_bytes(folder: Path) -> dict:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def cli(*arguments: str, **kwargs) -> subprocess.Popen:
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "hf_pds.cli", *arguments],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=environment,
+        **kwargs,
+    )
+
+
+def distill_arguments(inputs: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "distill",
+        "--dataset", str(inputs / "source"),
+        "--pipeline", str(inputs / "pipe"),
+        "--output", str(output),
+        "--output-size", "40",
+        "--no-cache",
+        "--device", "cpu",
+        *extra,
+    ]  # fmt: skip

@@ -1,6 +1,6 @@
 import io
 import json
-from pathlib import Path
+import logging
 
 import datasets
 import numpy as np
@@ -11,6 +11,7 @@ import torch
 from helpers import FAST
 from hf_pds import PDSPipeline, PDSPipelineOutput, Prototypes
 from hf_pds.distilled import COLUMNS
+from hf_pds.pipeline_pds import check_generation_settings, snapshot_revision
 from hf_pds.testing import tiny_pds_components
 
 
@@ -110,48 +111,6 @@ def test_generator_draws_the_run_seed(pipe, dataset):
     assert_same_images(first.dataset, second.dataset)
 
 
-def test_save_then_load_dataset_gives_identical_rows(distilled, tmp_path):
-    folder = distilled.save(tmp_path / "distilled")
-    assert sorted(path.name for path in folder.iterdir()) == ["README.md", "data", "preview.png", "stats.png"]
-    loaded = datasets.load_dataset(str(folder), split="train")
-    assert loaded.features == distilled.dataset.features
-    original_bytes = distilled.dataset.cast_column("image", datasets.Image(decode=False))["image"]
-    loaded_bytes = loaded.cast_column("image", datasets.Image(decode=False))["image"]
-    assert [cell["bytes"] for cell in loaded_bytes] == [cell["bytes"] for cell in original_bytes]
-    for name in COLUMNS[1:]:
-        assert list(loaded[name]) == list(distilled.dataset[name]), name
-
-
-def test_save_refuses_to_overwrite_and_leaves_nothing_on_failure(distilled, tmp_path, monkeypatch):
-    target = tmp_path / "out"
-    target.mkdir()
-    with pytest.raises(FileExistsError, match="pass overwrite=True"):
-        distilled.save(target)
-    assert list(target.iterdir()) == []
-
-    def broken_write(self, path, **kwargs):
-        Path(path).write_bytes(b"half a parquet file")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(datasets.Dataset, "to_parquet", broken_write)
-    with pytest.raises(OSError, match="disk full"):
-        distilled.save(tmp_path / "fresh")
-    with pytest.raises(OSError, match="disk full"):
-        distilled.save(target, overwrite=True)
-    # Nothing half-written: no new folder, no leftover staging folder, the old folder untouched.
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
-    assert list(target.iterdir()) == []
-
-
-def test_overwrite_replaces_a_saved_folder(distilled, tmp_path):
-    target = tmp_path / "out"
-    distilled.save(target)
-    (target / "stale.txt").write_text("from an older run")
-    distilled.save(target, overwrite=True)
-    assert sorted(path.name for path in target.iterdir()) == ["README.md", "data", "preview.png", "stats.png"]
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
-
-
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
@@ -196,7 +155,6 @@ def test_save_pretrained_round_trip_gives_identical_outputs(pipe, dataset, disti
     assert index["_class_name"] == "PDSPipeline"
     assert index["clip_text_encoder"] == ["transformers", "CLIPTextModelWithProjection"]
     reloaded = PDSPipeline.from_pretrained(tmp_path / "pipe")
-    reloaded.set_progress_bar_config(disable=True)
     assert_same_images(distilled.dataset, reloaded(dataset, budget=4, batch_size=4, **FAST).dataset)
 
 
@@ -215,7 +173,6 @@ def test_plain_unclip_checkpoint_gets_its_clip_text_tower(tmp_path, dataset):
     torch.testing.assert_close(
         loaded.clip_text_encoder.text_projection.weight, clip_text_encoder.text_projection.weight
     )
-    loaded.set_progress_bar_config(disable=True)
     assert loaded(dataset, budget=2, **FAST).dataset.num_rows == 2
 
 
@@ -299,3 +256,172 @@ def test_a_stream_names_its_bad_row_or_skips_it(pipe, dataset):
         pipe(broken, budget=10, skip_invalid_rows=True, **FAST)
     with pytest.raises(ValueError, match="caption_column='text' is not a column"):
         pipe(broken, budget=3, caption_column="text", **FAST)
+
+
+def count_clip_forwards(pipe):
+    calls = []
+    hooks = [
+        tower.register_forward_pre_hook(lambda module, args: calls.append(1))
+        for tower in (pipe.image_encoder, pipe.clip_text_encoder)
+    ]
+    return calls, hooks
+
+
+def broken_image_cell(kind: str, tmp_path):
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (30, 20), (10, 200, 10)).save(buffer, format="JPEG")
+    return {
+        "corrupt bytes": {"bytes": b"\x89PNG but not really", "path": None},
+        "truncated file": {"bytes": buffer.getvalue()[:-150], "path": None},
+        "missing path": {"bytes": None, "path": str(tmp_path / "nowhere.jpg")},
+    }[kind]
+
+
+def with_image_cell(dataset, row, cell):
+    cells = list(dataset.cast_column("image", datasets.Image(decode=False))["image"])
+    cells[row] = cell
+    return datasets.Dataset.from_dict({"image": cells, "caption": list(dataset["caption"])}, features=dataset.features)
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("corrupt bytes", "holds data that is not a readable image"),
+        ("truncated file", "holds a truncated image file"),
+        ("missing path", "nowhere.jpg, which does not exist"),
+    ],
+)
+def test_an_undecodable_image_is_named_before_any_model_runs(pipe, dataset, tmp_path, kind, reason, caplog):
+    broken = with_image_cell(dataset, 7, broken_image_cell(kind, tmp_path))
+    calls, hooks = count_clip_forwards(pipe)
+    try:
+        with pytest.raises(ValueError, match=rf"Row 7: column 'image' .*{reason}"):
+            pipe(broken, budget=3, output_dir=tmp_path / "out", **FAST)
+        assert calls == []
+        with caplog.at_level(logging.WARNING):
+            out = pipe(broken, budget=3, skip_invalid_rows=True, output_dir=tmp_path / "out", **FAST)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert out.settings["skipped_rows"] == 1 and out.settings["source_images"] == 9
+    assert "row 7, column 'image'" in caplog.text and reason in caplog.text
+
+
+def test_a_stream_names_an_undecodable_image_as_it_arrives(pipe, dataset, tmp_path):
+    broken = with_image_cell(dataset, 7, broken_image_cell("corrupt bytes", tmp_path)).to_iterable_dataset()
+    embedded_before = []
+    hook = pipe.image_encoder.register_forward_pre_hook(lambda module, args: embedded_before.append(len(args[0])))
+    try:
+        with pytest.raises(ValueError, match="Row 7: column 'image' holds data that is not a readable image"):
+            pipe(broken, budget=3, embedding_batch_size=3, **FAST)
+    finally:
+        hook.remove()
+    assert embedded_before == [3, 3]  # rows 0-5 were embedded as they came; row 7 stopped the read
+    out = pipe(broken, budget=3, skip_invalid_rows=True, **FAST)
+    assert out.settings["skipped_rows"] == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*32\), got -1"),
+        ({"seed": True}, "seed must be an integer"),
+        ({"seed": "3"}, "seed must be an integer"),
+        ({"seed": 2**32}, "seed must be an integer"),
+        ({"budget": True}, "budget must be an integer, got True"),
+        ({"budget": 2.0}, "budget must be an integer"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be >= 0 \\(a finite number\\), got nan"),
+        ({"guidance_scale": float("inf")}, "guidance_scale must be"),
+        ({"guidance_scale": "5"}, "guidance_scale must be"),
+        ({"prune_ratio": "0.2"}, r"prune_ratio must be in \[0, 1\), got '0.2'"),
+        ({"prune_ratio": float("nan")}, "prune_ratio must be in"),
+        ({"embedding_batch_size": 0}, "embedding_batch_size must be a positive integer, got 0"),
+        ({"embedding_batch_size": 2.5}, "embedding_batch_size must be a positive integer"),
+        ({"batch_size": True}, "batch_size must be a positive integer, got True"),
+        ({"num_inference_steps": 2.0}, "num_inference_steps must be a positive integer"),
+        ({"noise_level": True}, "noise_level must be an integer"),
+        ({"output_size": 32.0}, "output_size must be a positive integer or None"),
+        ({"negative_prompt": 3}, "negative_prompt must be a string or None"),
+        ({"normalize": "yes"}, "normalize must be True or False"),
+        ({"skip_invalid_rows": 1}, "skip_invalid_rows must be True or False"),
+        ({"use_cache": None}, "use_cache must be True or False"),
+        ({"output_dir": 3}, "output_dir must be a path"),
+        ({"cache_dir": 5}, "cache_dir must be a path"),
+        ({"provenance": ["x"]}, "provenance must be a dict or None"),
+        ({"generator": 7}, "generator must be a torch.Generator or None"),
+        ({"kmeans_backend": "gpu"}, "kmeans_backend must be one of"),
+        ({"image_column": 0}, "image_column must be a column name"),
+    ],
+)
+def test_every_argument_is_checked_before_any_model_runs(pipe, dataset, kwargs, message):
+    calls, hooks = count_clip_forwards(pipe)
+    try:
+        with pytest.raises((ValueError, TypeError), match=message):
+            pipe(**{"dataset": dataset, "budget": 3, **FAST, **kwargs})
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == []
+
+
+def test_numpy_integers_are_integers(pipe, dataset, tmp_path):
+    out = pipe(
+        dataset,
+        budget=np.int64(3),
+        seed=np.uint32(7),
+        num_inference_steps=np.int32(2),
+        batch_size=np.int16(2),
+        output_size=np.int64(40),
+        noise_level=np.int8(10),
+        output_dir=tmp_path / "out",
+    )
+    assert out.dataset.num_rows == 3
+    settings = {
+        key: out.settings[key] for key in ("budget", "seed", "num_inference_steps", "batch_size", "noise_level")
+    }
+    assert settings == {"budget": 3, "seed": 7, "num_inference_steps": 2, "batch_size": 2, "noise_level": 10}
+    assert all(type(value) is int for value in settings.values())
+    assert "| `seed` | `7` |" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_degenerate_data_warns_how_many_prototypes_are_fallbacks(pipe, caplog):
+    same = datasets.Dataset.from_dict(
+        {"image": [PIL.Image.new("RGB", (8, 8), (9, 9, 9))] * 6, "caption": ["one caption for all"] * 6},
+        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}),
+    )
+    with caplog.at_level(logging.WARNING):
+        out = pipe(same, budget=3, prune_ratio=0.0, **FAST)
+    fallbacks = int((np.asarray(out.dataset["support"]) == 0).sum())
+    assert fallbacks >= 1
+    assert f"{fallbacks} of 3 prototypes fell back to the k-means centres" in caplog.text
+
+
+def test_revision_is_read_from_a_hub_cache_path():
+    commit = "a" * 40
+    assert snapshot_revision(f"/root/.cache/huggingface/hub/models--org--name/snapshots/{commit}/unet") == commit
+    assert snapshot_revision("./my-local-folder/unet") is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_inference_steps": 0}, "num_inference_steps must be a positive integer"),
+        ({"guidance_scale": -1.0}, "guidance_scale must be >= 0"),
+        ({"noise_level": 1000}, r"noise_level must be an integer in \[0, 1000\)"),
+        ({"noise_level": -1}, "noise_level must be an integer"),
+        ({"output_size": 0}, "output_size must be a positive integer or None"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ],
+)
+def test_bad_generation_settings_are_named(kwargs, message):
+    settings = {
+        "num_inference_steps": 100,
+        "guidance_scale": 5.0,
+        "noise_level": 10,
+        "max_noise_level": 1000,
+        "output_size": 224,
+        "batch_size": 8,
+    }
+    settings.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        check_generation_settings(**settings)

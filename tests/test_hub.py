@@ -1,65 +1,65 @@
+"""Hub-layout folders: saving, loading back, replacing only what hf-pds wrote, cleaning leftovers, pushing."""
+
 import logging
+import os
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
 import numpy as np
-import PIL.Image
 import pytest
 from huggingface_hub import DatasetCard
 
-import hf_pds
 from helpers import mixed_dataset
-from hf_pds.card import card_license, preview_grid
 from hf_pds.cli import main
+from hf_pds.distilled import COLUMNS
 from hf_pds.hub import push_folder, size_category
-from hf_pds.pipeline_pds import snapshot_revision
 from hf_pds.testing import tiny_pds_pipeline
 
 TOKEN = "hf_secretTOKEN1234567890"
 
 
-@pytest.fixture(scope="module")
-def distilled():
-    pipe = tiny_pds_pipeline()
-    source = datasets.load_dataset("parquet", data_files={"train": _source_parquet()}, split="train")
-    return pipe(source, budget=5, num_inference_steps=2, output_size=48)
+def test_save_then_load_dataset_gives_identical_rows(distilled, tmp_path):
+    folder = distilled.save(tmp_path / "distilled")
+    assert sorted(path.name for path in folder.iterdir()) == ["README.md", "data", "preview.png", "stats.png"]
+    loaded = datasets.load_dataset(str(folder), split="train")
+    assert loaded.features == distilled.dataset.features
+    original_bytes = distilled.dataset.cast_column("image", datasets.Image(decode=False))["image"]
+    loaded_bytes = loaded.cast_column("image", datasets.Image(decode=False))["image"]
+    assert [cell["bytes"] for cell in loaded_bytes] == [cell["bytes"] for cell in original_bytes]
+    for name in COLUMNS[1:]:
+        assert list(loaded[name]) == list(distilled.dataset[name]), name
 
 
-def _source_parquet() -> str:
-    import tempfile
+def test_save_refuses_to_overwrite_and_leaves_nothing_on_failure(distilled, tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        distilled.save(target)
+    assert list(target.iterdir()) == []
 
-    path = Path(tempfile.mkdtemp()) / "source.parquet"
-    mixed_dataset(12).to_parquet(path)
-    return str(path)
+    def broken_write(self, path, **kwargs):
+        Path(path).write_bytes(b"half a parquet file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(datasets.Dataset, "to_parquet", broken_write)
+    with pytest.raises(OSError, match="disk full"):
+        distilled.save(tmp_path / "fresh")
+    with pytest.raises(OSError, match="disk full"):
+        distilled.save(target, overwrite=True)
+    # Nothing half-written: no new folder, no leftover staging folder, the old folder untouched.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+    assert list(target.iterdir()) == []
 
 
-@pytest.fixture(scope="module")
-def saved(distilled, tmp_path_factory):
-    return distilled.save(tmp_path_factory.mktemp("saved") / "pds-5")
-
-
-def test_card_yaml_has_what_the_hub_needs(saved, distilled):
-    card = DatasetCard.load(saved / "README.md")
-    data = card.data.to_dict()
-    assert data["configs"] == [
-        {"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}
-    ]
-    assert {"dataset-distillation", "synthetic", "pds"} <= set(data["tags"])
-    assert data["task_categories"] == ["image-to-text", "text-to-image"]
-    assert data["source_datasets"] and data["size_categories"] == ["n<1K"]
-    assert data["license"] == "other" and data["pretty_name"]
-    body = card.text
-    # Provenance and every hyper-parameter of the run.
-    assert distilled.provenance["source_fingerprint"] in body
-    assert "hf_pds.testing.tiny_pds_pipeline(seed=0)" in body and "tiny random CLIP" in body
-    assert f"hf-pds version | {hf_pds.__version__}" in body
-    for key, value in distilled.settings.items():
-        assert f"| `{key}` | `{value}` |" in body
-    assert "source images / captions (pairs) | 12 / 30" in body
-    assert "@inproceedings{choi2026pds" in body and "## Limitations" in body and "## Evaluate it" in body
-    assert "license is unknown" in body  # the note that goes with "other"
-    assert "![The first 5 pairs" in body and "(stats.png)" in body
+def test_overwrite_replaces_a_saved_folder(distilled, tmp_path):
+    target = tmp_path / "out"
+    distilled.save(target)
+    (target / "stale.txt").write_text("from an older run")
+    distilled.save(target, overwrite=True)
+    assert sorted(path.name for path in target.iterdir()) == ["README.md", "data", "preview.png", "stats.png"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
 
 def test_saved_folder_round_trips_through_load_dataset(saved, distilled):
@@ -71,40 +71,6 @@ def test_saved_folder_round_trips_through_load_dataset(saved, distilled):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_preview_shows_the_first_images_above_their_captions(saved, distilled):
-    preview = PIL.Image.open(saved / "preview.png").convert("RGB")
-    assert preview.size == (4 * 192, 2 * (192 + 58))  # 5 pairs: two rows of four cells
-    first = distilled.dataset[0]["image"].convert("RGB").resize((184, 184), PIL.Image.LANCZOS)
-    np.testing.assert_array_equal(np.asarray(preview.crop((4, 4, 188, 188))), np.asarray(first))
-    caption_band = np.asarray(preview.crop((0, 192, 192, 250)).convert("L"))
-    assert (caption_band < 100).sum() > 50  # text was drawn under the image
-    empty_cell = np.asarray(preview.crop((2 * 192, 250, 3 * 192, 500)).convert("L"))
-    assert (empty_cell == 255).all()  # cells past the last pair stay blank
-    stats = PIL.Image.open(saved / "stats.png")
-    assert stats.format == "PNG" and stats.size[0] > stats.size[1]
-
-
-def test_preview_takes_at_most_sixteen_pairs():
-    rows = datasets.Dataset.from_dict(
-        {"image": [PIL.Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(20)], "caption": ["x"] * 20}
-    )
-    assert preview_grid(rows).size == (4 * 192, 4 * (192 + 58))
-
-
-@pytest.mark.parametrize(
-    ("source", "expected"),
-    [
-        ("CC-BY-4.0", ("cc-by-4.0", None)),
-        ("Flickr terms of use", ("other", "Flickr terms of use")),
-        (None, ("other", "unknown")),
-    ],
-)
-def test_license_is_inherited_when_it_is_an_identifier(source, expected):
-    license_id, note = card_license(source)
-    assert license_id == expected[0]
-    assert (note is None) if expected[1] is None else (expected[1] in note)
-
-
 def test_size_categories():
     assert [size_category(n) for n in (5, 999, 1000, 50_000, 2_000_000)] == [
         "n<1K",
@@ -113,12 +79,6 @@ def test_size_categories():
         "10K<n<100K",
         "1M<n<10M",
     ]
-
-
-def test_revision_is_read_from_a_hub_cache_path():
-    commit = "a" * 40
-    assert snapshot_revision(f"/root/.cache/huggingface/hub/models--org--name/snapshots/{commit}/unet") == commit
-    assert snapshot_revision("./my-local-folder/unet") is None
 
 
 class FakeHub:
@@ -251,3 +211,93 @@ def test_reloading_an_overwritten_folder_gives_the_new_rows(distilled, tmp_path)
     assert card["dataset_info"]["splits"] == [
         {"name": "train", "num_bytes": card["dataset_info"]["dataset_size"], "num_examples": 3}
     ]
+
+
+def test_overwrite_refuses_a_folder_of_the_users_files(pipe, dataset, distilled, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    calls = []
+    hook = pipe.image_encoder.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with pytest.raises(FileExistsError, match="holds files that hf-pds did not write"):
+            pipe(dataset, budget=3, output_dir=mine, overwrite=True, num_inference_steps=2)
+    finally:
+        hook.remove()
+    assert calls == []  # refused before any model ran
+    with pytest.raises(FileExistsError, match="holds files that hf-pds did not write"):
+        distilled.save(mine, overwrite=True)
+    assert sorted(path.name for path in mine.iterdir()) == ["thesis.tex"]
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+def test_overwrite_never_replaces_the_current_folder_or_its_parents(distilled, tmp_path, monkeypatch):
+    run_in = tmp_path / "project" / "runs"
+    run_in.mkdir(parents=True)
+    distilled.save(tmp_path / "project" / "old-output")
+    monkeypatch.chdir(run_in)
+    for folder in (run_in, run_in.parent, tmp_path):
+        with pytest.raises(FileExistsError, match="which this run uses or runs in"):
+            distilled.save(folder, overwrite=True)
+    assert run_in.is_dir() and (tmp_path / "project" / "old-output" / "README.md").is_file()
+
+
+def test_overwrite_never_replaces_a_folder_the_run_reads(pipe, dataset, tmp_path):
+    source = tmp_path / "source"
+    dataset.save_to_disk(source)
+    loaded = datasets.load_from_disk(str(source))
+    with pytest.raises(FileExistsError, match="which this run uses or runs in"):
+        pipe(loaded, budget=3, output_dir=tmp_path, overwrite=True, num_inference_steps=2)
+    assert (source / "state.json").is_file()
+
+
+def test_an_hf_pds_output_is_marked_and_replaced(distilled, tmp_path):
+    folder = distilled.save(tmp_path / "out")
+    assert "Written by hf-pds" in (folder / "README.md").read_text()
+    assert distilled.save(folder, overwrite=True) == folder
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert distilled.save(empty, overwrite=True) == empty
+
+
+def test_leftovers_of_an_interrupted_save_are_cleaned_by_the_next_save(distilled, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    target = (tmp_path / "out").resolve()
+    leftovers = {}
+    for name, pid in (("dead", int(dead.stdout)), ("alive", os.getpid())):
+        for suffix in ("partial", "old"):
+            folder = tmp_path / f".out.{name}.{suffix}"
+            folder.mkdir()
+            owner = {"pid": pid, "host": socket.gethostname(), "target": str(target)}
+            (folder / ".hf-pds-staging.json").write_text(json.dumps(owner))
+            leftovers[name, suffix] = folder
+    foreign = tmp_path / ".out.mine.partial"
+    foreign.mkdir()
+    distilled.save(target)
+    assert not leftovers["dead", "partial"].exists() and not leftovers["dead", "old"].exists()
+    assert leftovers["alive", "partial"].exists() and leftovers["alive", "old"].exists()  # a live writer's
+    assert foreign.exists()  # not written by hf-pds: left alone
+    assert sorted(path.name for path in target.iterdir()) == ["README.md", "data", "preview.png", "stats.png"]
+
+
+def test_a_source_that_cannot_be_loaded_is_one_clear_error(tmp_path):
+    from hf_pds.hub import load_source_dataset
+
+    with pytest.raises(ValueError, match=r"cannot load split 'train' of .*nothing"):
+        load_source_dataset(tmp_path / "nothing", "train")
+    datasets.DatasetDict({"train": mixed_dataset(3)}).save_to_disk(tmp_path / "splits")
+    with pytest.raises(ValueError, match=r"has no split 'test'; its splits are \['train'\]"):
+        load_source_dataset(tmp_path / "splits", "test")
+
+
+def test_a_hub_that_fails_the_upload_is_one_clear_error(saved, hub, monkeypatch):
+    def refuse(self, **kwargs):
+        raise RuntimeError("409 Conflict: the branch moved")
+
+    monkeypatch.setattr(FakeHub, "upload_folder", refuse)
+    with pytest.raises(ConnectionError, match=r"The Hub refused the push to me/pds-5 \(RuntimeError: 409 Conflict"):
+        push_folder(saved, "me/pds-5", token=TOKEN)

@@ -1,0 +1,105 @@
+"""The embedding cache: a second distill runs no CLIP forward; keys follow data and models; bad entries and
+unusable folders never cost the run."""
+
+import logging
+
+import numpy as np
+
+from helpers import FAST, count_clip_calls
+from hf_pds.testing import tiny_pds_pipeline
+
+
+def test_a_second_distill_at_another_budget_runs_no_clip_forward(pipe, dataset, tmp_path):
+    first = pipe(dataset, budget=4, cache_dir=tmp_path, **FAST)
+    calls, hooks = count_clip_calls(pipe)
+    try:
+        second = pipe(dataset, budget=3, cache_dir=tmp_path, num_inference_steps=3, output_size=40)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == []
+    assert second.dataset.num_rows == 3
+    uncached = pipe(dataset, budget=3, use_cache=False, num_inference_steps=3, output_size=40)
+    np.testing.assert_array_equal(second.prototypes.image_prototypes, uncached.prototypes.image_prototypes)
+    assert list(second.dataset["caption"]) == list(uncached.dataset["caption"])
+    assert first.settings["source_captions"] == second.settings["source_captions"] == 25
+
+
+def test_the_cache_key_follows_the_data_and_the_model(pipe, dataset, tmp_path):
+    pipe(dataset, budget=2, cache_dir=tmp_path, **FAST)
+    calls, hooks = count_clip_calls(pipe)
+    try:
+        pipe(dataset.select(range(9)), budget=2, cache_dir=tmp_path, **FAST)  # other data
+        assert calls, "a different dataset must be embedded again"
+        calls.clear()
+        pipe(dataset, budget=2, cache_dir=tmp_path, caption_column="caption", skip_invalid_rows=True, **FAST)
+        assert calls, "another row policy must be embedded again"
+    finally:
+        for hook in hooks:
+            hook.remove()
+    other_model = tiny_pds_pipeline(seed=1)
+    calls, hooks = count_clip_calls(other_model)
+    other_model(dataset, budget=2, cache_dir=tmp_path, **FAST)
+    assert calls, "other weights must be embedded again"
+    assert len(list(tmp_path.iterdir())) == 4
+
+
+def test_a_corrupt_or_partial_cache_entry_is_recomputed(pipe, dataset, tmp_path, caplog):
+    expected = pipe(dataset, budget=3, cache_dir=tmp_path, **FAST)
+    (entry,) = list(tmp_path.iterdir())
+    embeds = entry / "text_embeds.npy"
+    damaged = bytearray(embeds.read_bytes())
+    damaged[-3] ^= 0xFF
+    embeds.write_bytes(bytes(damaged))
+    calls, hooks = count_clip_calls(pipe)
+    try:
+        with caplog.at_level(logging.WARNING, logger="hf_pds.cache"):
+            again = pipe(dataset, budget=3, cache_dir=tmp_path, **FAST)
+        assert calls and "Ignoring the corrupt embedding cache entry" in caplog.text
+        assert list(again.dataset["caption"]) == list(expected.dataset["caption"])
+        # The entry was rewritten whole: now it is used.
+        calls.clear()
+        pipe(dataset, budget=3, cache_dir=tmp_path, **FAST)
+        assert calls == []
+        # An entry without its manifest (a write that died) is not used either.
+        (entry / "manifest.json").unlink()
+        pipe(dataset, budget=3, cache_dir=tmp_path, **FAST)
+        assert calls
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_an_unusable_cache_folder_costs_a_warning_not_the_run(pipe, dataset, tmp_path, caplog, monkeypatch):
+    expected = pipe(dataset, budget=3, use_cache=False, **FAST)
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("a file where the cache should be")
+    with caplog.at_level(logging.WARNING, logger="hf_pds.cache"):
+        out = pipe(dataset, budget=3, cache_dir=a_file, **FAST)
+    assert "cannot be written" in caplog.text and "going on without the cache" in caplog.text
+    assert list(out.dataset["caption"]) == list(expected.dataset["caption"])
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    caplog.clear()
+    monkeypatch.setattr(np, "save", full_disk)
+    with caplog.at_level(logging.WARNING, logger="hf_pds.cache"):
+        out = pipe(dataset, budget=3, cache_dir=tmp_path / "cache", **FAST)
+    assert "No space left on device" in caplog.text
+    assert list(out.dataset["caption"]) == list(expected.dataset["caption"])
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written entry
+
+
+def test_the_cache_home_is_one_folder_and_the_old_variable_still_works(monkeypatch, tmp_path):
+    import pytest
+
+    from hf_pds.cache import embeddings_cache_dir, features_cache_dir
+
+    monkeypatch.setenv("HF_PDS_CACHE", str(tmp_path / "home"))
+    monkeypatch.delenv("HF_PDS_FEATURE_CACHE", raising=False)
+    assert embeddings_cache_dir() == tmp_path / "home" / "embeddings"
+    assert features_cache_dir() == tmp_path / "home" / "features"
+    monkeypatch.setenv("HF_PDS_FEATURE_CACHE", str(tmp_path / "old"))
+    with pytest.warns(FutureWarning, match=r"\$HF_PDS_FEATURE_CACHE is deprecated: set \$HF_PDS_CACHE"):
+        assert features_cache_dir() == tmp_path / "old"
