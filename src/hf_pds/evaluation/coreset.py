@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..prototypes import Prototypes, extract_prototypes, kmeans, resolve_kmeans_backend
+from ..prototypes import Prototypes, extract_prototypes
 
 METHODS = ("random", "herding", "k-center", "kmeans-nearest", "pds-select")
 
@@ -140,6 +140,8 @@ def kmeans_nearest_selection(
     :func:`pds_select` does, to the reference's MiniBatchKMeans call. Returns ``[budget]`` int64 distinct rows,
     in the order of the centres.
     """
+    from ..prototypes import kmeans, resolve_kmeans_backend
+
     points = _check_features(image_embeds)
     budget = _check_budget(budget, len(points))
     backend = resolve_kmeans_backend(kmeans_backend)
