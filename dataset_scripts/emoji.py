@@ -178,25 +178,34 @@ def build_splits(
     seed: int = 0,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     limit: int | None = None,
+    eval_styles: Sequence[str] | None = None,
 ) -> dict[str, datasets.Dataset]:
     """The three splits as ``datasets.Dataset`` objects (see the module docstring for their layout).
 
     ``limit`` keeps only the first ``limit`` emoji in ``sort_order`` (for quick trials and tests).
+    ``eval_styles`` (default: ``styles``) are the art styles that ``validation`` and ``test`` draw their images
+    from, while ``train`` keeps one row per style of ``styles``: ``styles=("google",), eval_styles=("twitter",)``
+    tests a student trained on Google's art on Twitter's. The concepts and their split do not depend on it (when
+    every style has an image of the same emoji, as in version 16.0.0): only the images of the validation and
+    test concepts change.
     """
     emoji_dir = Path(emoji_dir)
     styles = tuple(dict.fromkeys(styles))
-    concepts = read_emoji(emoji_dir, styles)
+    eval_styles = styles if eval_styles is None else tuple(dict.fromkeys(eval_styles))
+    if not eval_styles:
+        raise DatasetScriptError("at least one style is needed for validation and test")
+    concepts = read_emoji(emoji_dir, tuple(dict.fromkeys((*styles, *eval_styles))))
     if limit is not None:
         concepts = concepts[:limit]
     splits = split_concepts(len(concepts), fractions, seed)
     # The style of each validation / test concept: drawn per concept, from its own stream of the seed.
-    drawn_style = np.random.default_rng([seed, 1]).integers(len(styles), size=len(concepts))
+    drawn_style = np.random.default_rng([seed, 1]).integers(len(eval_styles), size=len(concepts))
     result = {}
     for split, indices in splits.items():
         columns: dict[str, list] = {name: [] for name in FEATURES}
         for index in indices:
             concept = concepts[index]
-            for style in styles if split == "train" else (styles[drawn_style[index]],):
+            for style in styles if split == "train" else (eval_styles[drawn_style[index]],):
                 path = emoji_dir / f"emoji-datasource-{style}" / "img" / style / str(IMAGE_SIZE) / concept.image
                 columns["image"].append({"bytes": encode_png(emoji_image(path)), "path": None})
                 columns["caption"].append(concept.captions)

@@ -12,6 +12,7 @@ Features are cached by content under ``$HF_PDS_FEATURE_CACHE`` (default ``.cache
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -62,6 +63,19 @@ def pools(emoji, encoders):
         return {name: encode_split(split, *encoders, cache_dir=CACHE) for name, split in splits.items()}
 
 
+@pytest.fixture(scope="module")
+def benchmark(emoji):
+    """``benchmarks/emoji.py`` as a module (it puts dataset_scripts/ on the path to import the dataset script)."""
+    spec = importlib.util.spec_from_file_location("emoji_benchmark", REPO / "benchmarks" / "emoji.py")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        while str(REPO / "dataset_scripts") in sys.path:
+            sys.path.remove(str(REPO / "dataset_scripts"))
+    return module
+
+
 def test_captions_are_made_from_name_short_names_subcategory_and_category(emoji):
     assert emoji.captions_for("CROSSED SWORDS", ["crossed_swords"], "Objects", "tool") == [
         "crossed swords",
@@ -96,6 +110,31 @@ def test_splits_by_concept_with_every_style_in_train_and_one_elsewhere(emoji):
     assert set(other["test"]["concept"]) != concepts["test"]
     # Base emoji only: no skin-tone variants (1911 in emoji-datasource 16.0.0).
     assert len(emoji.read_emoji(EMOJI_DIR)) == 1911
+
+
+def test_cross_style_split_tests_on_twitter_images_of_the_concepts_of_the_default_split(emoji):
+    default = emoji.build_splits(EMOJI_DIR, styles=("google",), seed=0, limit=40)
+    cross = emoji.build_splits(EMOJI_DIR, styles=("google",), seed=0, limit=40, eval_styles=("twitter",))
+    for name in emoji.SPLITS:
+        assert cross[name]["concept"] == default[name]["concept"] and cross[name]["caption"] == default[name]["caption"]
+    assert cross["train"]["image_id"] == default["train"]["image_id"] and set(cross["train"]["style"]) == {"google"}
+    assert set(cross["validation"]["style"]) == set(cross["test"]["style"]) == {"twitter"}
+    # The images are the twitter package's files, the train images the google package's.
+    files = {concept.unified: concept.image for concept in emoji.read_emoji(EMOJI_DIR)}
+
+    def pixels(style, concept):
+        path = EMOJI_DIR / f"emoji-datasource-{style}" / "img" / style / "64" / files[concept]
+        return np.asarray(emoji.emoji_image(path))
+
+    for split, style in (("test", "twitter"), ("validation", "twitter"), ("train", "google")):
+        row = cross[split][0]
+        assert np.array_equal(np.asarray(row["image"]), pixels(style, row["concept"]))
+    assert not np.array_equal(
+        pixels("twitter", cross["test"][0]["concept"]), pixels("google", cross["test"][0]["concept"])
+    )
+    # At full size too, the concepts (so the split) are those of the default, google-only split.
+    google_only = [concept.unified for concept in emoji.read_emoji(EMOJI_DIR, ("google",))]
+    assert google_only == [concept.unified for concept in emoji.read_emoji(EMOJI_DIR, ("google", "twitter"))]
 
 
 def test_script_writes_a_folder_that_load_dataset_reads(emoji, tmp_path, capsys):
@@ -219,3 +258,31 @@ def test_hf_pds_evaluate_with_a_trainable_backbone(emoji, tmp_path, capsys):
     payload = json.loads((tmp_path / "out" / "results.json").read_text())
     assert payload["settings"]["student"]["trainable_backbone"] is True
     assert payload["runs"][0]["method"] == "k-center" and payload["runs"][0]["pairs"] == 4
+
+
+def test_benchmark_tasks_train_the_students_of_run_method_once_per_test_style(benchmark, pools):
+    """The benchmark selects each training set once (the PDS variants of a seed from one extraction) and trains it
+    against every test style: the records are those of run_grid (one thread, as the benchmark), style by style."""
+    from hf_pds.evaluation.runner import TrainingPool, retrieval_split, run_grid
+    from hf_pds.evaluation.student import StudentConfig
+
+    tasks = benchmark.grid_tasks(benchmark.BENCHMARK_METHODS, [20, 50], seeds=2, full=True)
+    assert len(tasks) == 2 + 2 * 2 * 5 and tasks[:3] == [("full", None, 0), ("full", None, 1), ("pds", 50, 0)]
+    labels = benchmark.pds_labels(benchmark.BENCHMARK_METHODS, "both")
+    assert labels == [(v, v) for v in ("pds-select", "pds-select+caption", "pds-oracle")]
+    assert benchmark.pds_labels(["pds-select"], "caption") == [("pds-select", "pds-select+caption")]
+
+    keep = pools["train"].caption_image < 200  # a small pool: quick k-means
+    train = TrainingPool(
+        pools["train"].image_features[:200], pools["train"].text_features[keep], pools["train"].caption_image[keep]
+    )
+    validation, test = retrieval_split(pools["validation"]), retrieval_split(pools["test"])
+    evaluations = {"one": (validation, test), "swapped": (test, validation)}
+    config = StudentConfig(epochs=2)
+    results = benchmark.run_tasks([("pds", 6, 1), ("kmeans-nearest", 6, 1)], train, evaluations, config, 0.0, labels)
+    grid = [("pds-select", 6, 1), ("pds-oracle", 6, 1), ("kmeans-nearest", 6, 1)]
+    expected = run_grid(grid, train, validation, test, config, text_source="both")
+    assert results["one"] == expected
+    swapped = run_grid([("pds-oracle", 6, 1)], train, test, validation, config)
+    assert [record["method"] for record in results["swapped"]] == [record["method"] for record in expected]
+    assert results["swapped"][2] == swapped[0]

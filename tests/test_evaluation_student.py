@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 from hf_pds.evaluation.report import markdown_table, summarize, summarize_records, write_report
 from hf_pds.evaluation.runner import TrainingPool, method_pairs, retrieval_split, run_grid
@@ -211,3 +212,89 @@ def test_pds_select_with_both_text_sources_trains_two_students_on_the_same_proto
     assert prototype_only[0]["test"] == records[0]["test"]
     with pytest.raises(ValueError, match="unknown text source 'mean'"):
         run_method("random", 10, train, validation, test, text_source="mean")
+
+
+def planted_clusters(n_clusters=6, per_cluster=15, dim=10, seed=0):
+    """Tight clusters far apart: ``(points, cluster of each point)``."""
+    rng = np.random.default_rng(seed)
+    centres = 20 * rng.normal(size=(n_clusters, dim))
+    cluster = np.repeat(np.arange(n_clusters), per_cluster)
+    return centres[cluster] + rng.normal(size=(len(cluster), dim)), cluster
+
+
+def test_kmeans_nearest_picks_the_image_nearest_each_centre_one_per_planted_cluster():
+    from hf_pds.evaluation.coreset import METHODS, select_coreset
+    from hf_pds.prototypes import kmeans
+
+    points, cluster = planted_clusters()
+    with threadpool_limits(1):  # k-means on a few points: threads only wait for each other
+        rows = select_coreset("kmeans-nearest", points, 6, seed=3)
+        _, centres = kmeans(points.astype(np.float32), 6, 3, "sklearn")
+        many = [select_coreset("kmeans-nearest", points, 30, seed=seed) for seed in (0, 0, 1)]
+    assert rows.dtype == np.int64 and sorted(cluster[rows].tolist()) == list(range(6))
+    # Each row is the image nearest its centre: the engine's k-means, same backend and seed.
+    assert np.array_equal(rows, ((points[:, None, :] - centres[None]) ** 2).sum(axis=2).argmin(axis=0))
+    # Distinct rows even when centres outnumber the planted clusters; deterministic per seed.
+    assert len(set(many[0].tolist())) == 30 and set(cluster[many[0]].tolist()) == set(range(6))
+    assert np.array_equal(many[0], many[1]) and not np.array_equal(many[0], many[2])
+    assert "kmeans-nearest" in METHODS
+
+
+def test_kmeans_nearest_pairs_draw_one_caption_per_image_as_the_coresets(data):
+    from hf_pds.evaluation.coreset import pick_captions, select_coreset
+    from hf_pds.evaluation.runner import method_selection
+
+    train, _, _ = data
+    with threadpool_limits(1):
+        rows, texts = method_selection("kmeans-nearest", train, 12, seed=5)
+        assert np.array_equal(rows, select_coreset("kmeans-nearest", train.image_features, 12, seed=5))
+    assert np.array_equal(texts, train.text_features[pick_captions(rows, train.caption_image, seed=5)])
+
+
+def test_pds_oracle_trains_on_the_prototypes_of_pds_select(data, monkeypatch):
+    from hf_pds.evaluation import runner
+    from hf_pds.evaluation.coreset import pds_select
+
+    train, validation, test = data
+    handed = []
+
+    def spy(images, texts, *args, **kwargs):
+        handed.append((np.asarray(images), np.asarray(texts)))
+        return train_student(images, texts, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_student", spy)
+    with threadpool_limits(1):
+        records = runner.run_method(
+            "pds-oracle", 10, train, validation, test, StudentConfig(epochs=1), seeds=(2,), text_source="both"
+        )
+        prototypes = pds_select(train.image_features, train.text_features, train.caption_image, 10, seed=2).prototypes
+        variants = runner.pds_variant_pairs(train, 10, seed=2)
+        by_source = {
+            source: method_pairs("pds-select", train, 10, seed=2, text_source=source)
+            for source in ("prototype", "caption")
+        }
+    assert [(record["method"], record["pairs"], record["seed"]) for record in records] == [("pds-oracle", 10, 2)]
+    [(images, texts)] = handed
+    assert np.array_equal(images, prototypes.image_prototypes)
+    assert np.array_equal(texts, prototypes.text_prototypes)
+    # One extraction gives every PDS variant: the same pairs as method_pairs.
+    assert list(variants) == ["pds-select", "pds-select+caption", "pds-oracle"]
+    assert all(np.array_equal(a, b) for a, b in zip(variants["pds-oracle"], (images, texts), strict=True))
+    for variant, source in (("pds-select", "prototype"), ("pds-select+caption", "caption")):
+        assert all(np.array_equal(a, b) for a, b in zip(variants[variant], by_source[source], strict=True))
+    # No image rows behind its pairs: method_selection (used to train a backbone on images) refuses it.
+    with pytest.raises(ValueError, match="selects no image rows"):
+        runner.method_selection("pds-oracle", train, 10)
+    with pytest.raises(ValueError, match="needs a budget"):
+        method_pairs("pds-oracle", train, None)
+
+
+def test_hf_pds_evaluate_offers_kmeans_nearest_but_not_pds_oracle():
+    from hf_pds.evaluation.cli import add_evaluate_parser
+
+    parser = argparse.ArgumentParser(prog="hf-pds")
+    add_evaluate_parser(parser.add_subparsers(dest="command"))
+    argv = ["evaluate", "--eval-dataset", "x", "--output", "y", "--budget", "4", "--baseline"]
+    assert parser.parse_args([*argv, "kmeans-nearest"]).baseline == ["kmeans-nearest"]
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "pds-oracle"])

@@ -5,6 +5,9 @@
   mean of the selection closest to the mean of all images.
 * ``k-center``: greedy farthest-first traversal (Sener and Savarese 2018): each step adds the image farthest
   from its nearest selected image, which keeps the coverage radius within twice the optimum.
+* ``kmeans-nearest``: k-means with K = ``budget`` on the image features (one row per distinct image; no pruning,
+  no text clusters, no matching), and the real image nearest each centre: the simplest clustering baseline, the
+  one PDS's cluster matching has to beat.
 * ``pds-select``: the PDS prototypes (:func:`hf_pds.extract_prototypes`), with the real image nearest each
   image prototype instead of a synthetic image; needs no decoder.
 
@@ -20,7 +23,7 @@ import numpy as np
 
 from ..prototypes import Prototypes, check_budget, extract_prototypes
 
-METHODS = ("random", "herding", "k-center", "pds-select")
+METHODS = ("random", "herding", "k-center", "kmeans-nearest", "pds-select")
 
 
 def _check_features(image_embeds: np.ndarray) -> np.ndarray:
@@ -122,6 +125,27 @@ def nearest_distinct_rows(queries: np.ndarray, candidates: np.ndarray) -> np.nda
     return rows
 
 
+def kmeans_nearest_selection(
+    image_embeds: np.ndarray, budget: int, seed: int = 0, kmeans_backend: str | None = "sklearn"
+) -> np.ndarray:
+    """The real image nearest each k-means centre: k-means with K = ``budget`` on the rows of ``image_embeds``
+    (each distinct image once), then :func:`nearest_distinct_rows` from the centres, so that two centres never
+    pick the same image (a centre whose nearest image is taken gets the next nearest).
+
+    k-means is the prototype engine's (:func:`hf_pds.prototypes.kmeans`) with ``seed`` as its random state;
+    ``kmeans_backend`` is resolved as :func:`hf_pds.extract_prototypes` resolves it and defaults, as
+    :func:`pds_select` does, to the reference's MiniBatchKMeans call. Returns ``[budget]`` int64 distinct rows,
+    in the order of the centres.
+    """
+    from ..prototypes import kmeans, resolve_kmeans_backend
+
+    points = _check_features(image_embeds)
+    budget = _check_budget(budget, len(points))
+    backend = resolve_kmeans_backend(kmeans_backend)
+    _, centres = kmeans(points.astype(np.float32), budget, seed, backend)
+    return nearest_distinct_rows(centres, points)
+
+
 @dataclass
 class PDSSelection:
     """What ``pds-select`` picks.
@@ -181,11 +205,11 @@ def select_coreset(
     """Distinct image rows selected by a coreset ``method``.
 
     Args:
-        method: ``"random"``, ``"herding"``, ``"k-center"`` or ``"pds-select"``.
+        method: ``"random"``, ``"herding"``, ``"k-center"``, ``"kmeans-nearest"`` or ``"pds-select"``.
         image_embeds: ``[n_images, d]`` image features, one row per distinct image.
         budget: how many images to select (``<= n_images``).
         seed: seed of the random draw (``random``), of the first centre (``k-center``), of k-means
-            (``pds-select``); herding is deterministic and ignores it.
+            (``kmeans-nearest``, ``pds-select``); herding is deterministic and ignores it.
         text_embeds: ``[n_captions, d_text]`` caption features; ``pds-select`` only.
         caption_image: ``[n_captions]`` image row of each caption; ``pds-select`` only.
         prune_ratio: PDS pruning ratio; ``pds-select`` only (0 for encoders of different widths).
@@ -203,6 +227,8 @@ def select_coreset(
         return herding_selection(points, budget)
     if method == "k-center":
         return k_center_selection(points, budget, seed)
+    if method == "kmeans-nearest":
+        return kmeans_nearest_selection(points, budget, seed)
     if text_embeds is None or caption_image is None:
         raise ValueError("pds-select needs text_embeds and caption_image (the captions and their image rows).")
     return pds_select(points, text_embeds, caption_image, budget, seed=seed, prune_ratio=prune_ratio).rows

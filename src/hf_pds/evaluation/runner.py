@@ -4,10 +4,16 @@ A :class:`TrainingPool` is the real training split as features: one row per dist
 and the image row of each caption. A method makes ``budget`` training pairs out of it:
 
 * ``full``: every (image, caption) pair of the pool;
-* ``random`` / ``herding`` / ``k-center``: the coreset's images, one caption each (drawn with the seed);
+* ``random`` / ``herding`` / ``k-center`` / ``kmeans-nearest``: the coreset's images, one caption each (drawn
+  with the seed);
 * ``pds-select``: for each PDS prototype, the real image nearest the image prototype, paired with the text
   prototype (the paper's student consumes the text prototype) or, with ``text_source="caption"``, with the
-  retrieved caption's features.
+  retrieved caption's features;
+* ``pds-oracle``: the PDS prototypes themselves, image prototype as the image features and text prototype as the
+  text, as if a perfect decoder had synthesised an image whose features are the image prototype: the ceiling of
+  PDS with ideal synthesis. It selects no image rows (:func:`method_selection` refuses it; :func:`oracle_pairs`
+  makes its pairs), so it needs frozen image features in the space the prototypes were extracted in, and cannot
+  train a backbone on images (``hf-pds evaluate --baseline`` does not offer it).
 
 Each run seed drives both the selection and the student, so the spread over seeds covers both (for the
 coresets, most of the noise comes from which pairs are drawn).
@@ -27,6 +33,11 @@ from .student import RetrievalSplit, StudentConfig, train_student
 FULL = "full"
 CAPTION = "caption"
 TEXT_SOURCES = ("prototype", CAPTION)
+# Methods whose pairs are features, not rows of the pool: run by method_pairs / run_method / run_grid only.
+ORACLE = "pds-oracle"
+FEATURE_METHODS = (ORACLE,)
+# What one extraction of the PDS prototypes can train on: see pds_variant_pairs.
+PDS_VARIANTS = ("pds-select", f"pds-select+{CAPTION}", ORACLE)
 
 
 @dataclass
@@ -87,6 +98,11 @@ def method_selection(
         raise ValueError(f"unknown text source {text_source!r}; choose one of {', '.join(TEXT_SOURCES)}.")
     if method == FULL:
         return pool.caption_image, pool.text_features
+    if method in FEATURE_METHODS:
+        raise ValueError(
+            f"method {method!r} trains on PDS prototypes, not on images of the pool: it selects no image rows. "
+            "Use method_pairs (frozen image features) instead."
+        )
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join((FULL, *METHODS))}.")
     if budget is None:
@@ -104,6 +120,58 @@ def method_selection(
     return rows, pool.text_features[pick_captions(rows, pool.caption_image, seed=seed)]
 
 
+def pds_variant_pairs(
+    pool: TrainingPool,
+    budget: int | None,
+    seed: int = 0,
+    prune_ratio: float = 0.0,
+    variants: Sequence[str] = PDS_VARIANTS,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The training pairs ``(images [budget, d_image], texts [budget, d_text])`` of PDS variants, all from one
+    :func:`~hf_pds.evaluation.coreset.pds_select` call (k-means runs once):
+
+    * ``pds-select``: the real image nearest each image prototype, with the text prototype (as
+      :func:`method_pairs` gives with ``text_source="prototype"``);
+    * ``pds-select+caption``: the same images, with the caption retrieved for each text prototype
+      (``text_source="caption"``);
+    * ``pds-oracle``: the image prototypes themselves, with the text prototypes (:func:`oracle_pairs`).
+
+    Returns ``{variant: (images, texts)}`` in the order of ``variants``.
+    """
+    unknown = [variant for variant in variants if variant not in PDS_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown PDS variant {unknown[0]!r}; choose from {', '.join(PDS_VARIANTS)}.")
+    if budget is None:
+        raise ValueError("the PDS variants need a budget.")
+    selection = pds_select(
+        pool.image_features, pool.text_features, pool.caption_image, budget, seed=seed, prune_ratio=prune_ratio
+    )
+    prototypes = selection.prototypes
+    text_prototypes = np.asarray(prototypes.text_prototypes, dtype=np.float32)
+    pairs = {}
+    for variant in variants:
+        if variant == ORACLE:
+            pairs[variant] = (np.asarray(prototypes.image_prototypes, dtype=np.float32), text_prototypes)
+        elif variant == "pds-select":
+            pairs[variant] = (pool.image_features[selection.rows], text_prototypes)
+        else:
+            pairs[variant] = (pool.image_features[selection.rows], pool.text_features[prototypes.caption_index])
+    return pairs
+
+
+def oracle_pairs(
+    pool: TrainingPool, budget: int | None, seed: int = 0, prune_ratio: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs of ``pds-oracle``: ``(image prototypes [budget, d_image], text prototypes [budget, d_text])`` of
+    :func:`~hf_pds.evaluation.coreset.pds_select` on the pool with the same seed and pruning, so the same
+    prototypes as ``pds-select``'s. The image prototypes stand for the images a perfect decoder would synthesise:
+    they are fed to the student as image features, which is only meaningful when the pool's image features are
+    the student's own (frozen backbone features), as in the emoji benchmark."""
+    if budget is None:
+        raise ValueError(f"method {ORACLE!r} needs a budget.")
+    return pds_variant_pairs(pool, budget, seed, prune_ratio, (ORACLE,))[ORACLE]
+
+
 def method_pairs(
     method: str,
     pool: TrainingPool,
@@ -113,7 +181,12 @@ def method_pairs(
     text_source: str = "prototype",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The training pairs of a method as features ``(images [n, d_image], texts [n, d_text])``; arguments as
-    :func:`method_selection`."""
+    :func:`method_selection`, and ``"pds-oracle"`` (:func:`oracle_pairs`; ``text_source`` does not apply: its
+    text side is the text prototype)."""
+    if method == ORACLE:
+        if text_source not in TEXT_SOURCES:
+            raise ValueError(f"unknown text source {text_source!r}; choose one of {', '.join(TEXT_SOURCES)}.")
+        return oracle_pairs(pool, budget, seed, prune_ratio)
     rows, texts = method_selection(method, pool, budget, seed, prune_ratio, text_source)
     return pool.image_features[rows], texts
 
@@ -134,7 +207,8 @@ def run_method(
 
     With ``method="pds-select"`` and ``text_source="both"``, each seed's prototypes are computed once and two
     students are trained on them: one on the text prototypes (recorded as ``pds-select``) and one on the
-    retrieved captions (recorded as ``pds-select+caption``).
+    retrieved captions (recorded as ``pds-select+caption``). ``method="pds-oracle"`` trains on the prototypes
+    themselves (:func:`oracle_pairs`), whatever ``text_source``.
     """
     if text_source not in (*TEXT_SOURCES, "both"):
         raise ValueError(f"unknown text source {text_source!r}; choose one of {', '.join((*TEXT_SOURCES, 'both'))}.")
