@@ -23,7 +23,7 @@ import numpy as np
 
 from ..prototypes import Prototypes, check_budget, extract_prototypes
 
-METHODS = ("random", "herding", "k-center", "kmeans-nearest", "pds-select")
+METHODS = ("random", "herding", "k-center", "pds-select", "kmeans-nearest")
 
 
 def _check_features(image_embeds: np.ndarray) -> np.ndarray:

@@ -215,19 +215,11 @@ def run_method(
     records = []
     for seed in seeds:
         if method == "pds-select" and text_source == "both":
-            selection = pds_select(
-                pool.image_features, pool.text_features, pool.caption_image, budget, seed=seed, prune_ratio=prune_ratio
-            )
-            images = pool.image_features[selection.rows]
-            variants = [
-                ("pds-select", selection.prototypes.text_prototypes),
-                (f"pds-select+{CAPTION}", pool.text_features[selection.prototypes.caption_index]),
-            ]
+            variants = pds_variant_pairs(pool, budget, seed, prune_ratio, PDS_VARIANTS[:2])
         else:
             source = "prototype" if text_source == "both" else text_source
-            images, texts = method_pairs(method, pool, budget, seed, prune_ratio, source)
-            variants = [(method, texts)]
-        for label, texts in variants:
+            variants = {method: method_pairs(method, pool, budget, seed, prune_ratio, source)}
+        for label, (images, texts) in variants.items():
             run = train_student(images, np.asarray(texts, dtype=np.float32), validation, test, config, seed=seed)
             records.append({"method": label, "budget": budget, "pairs": len(texts), **run.to_dict()})
     return records
