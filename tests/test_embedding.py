@@ -45,3 +45,26 @@ def test_each_image_is_embedded_once_and_embeddings_are_raw(components):
     # A caption's embedding does not depend on its batch.
     alone = embed(components, dataset.select([1]))
     np.testing.assert_array_equal(alone.text_embeds, embeddings.text_embeds[table.caption_image == 1])
+
+
+def test_decoding_threads_give_the_same_embeddings_and_name_a_bad_row(components):
+    import datasets
+
+    dataset = mixed_dataset(9)
+    one = embed(components, dataset, batch_size=2, workers=1)
+    three = embed(components, dataset, batch_size=2, workers=3)
+    np.testing.assert_array_equal(one.image_embeds, three.image_embeds)
+    cells = list(dataset.cast_column("image", datasets.Image(decode=False))["image"])
+    cells[6] = {"bytes": b"GIF89a but nothing else", "path": None}
+    broken = datasets.Dataset.from_dict(
+        {"image": cells, "caption": list(dataset["caption"])}, features=dataset.features
+    )
+    table = collect_captions(broken, check_images=False)  # what the cheap check would let through
+    towers = ClipTowers(
+        components["image_encoder"],
+        components["feature_extractor"],
+        components["clip_text_encoder"],
+        components["clip_tokenizer"],
+    )
+    with pytest.raises(ValueError, match="Row 6: column 'image' holds data that is not a readable image"):
+        embed_pairs(broken, table, "image", towers, "cpu", batch_size=2, progress=False, workers=3)

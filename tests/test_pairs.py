@@ -2,6 +2,7 @@
 
 import io
 import logging
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -179,7 +180,9 @@ def test_high_bit_depth_and_float_images_keep_their_grey_level(array, expected):
 def test_a_distilled_image_and_an_evaluated_image_of_the_same_source_agree():
     """The pixels CLIP sees when distilling and those the student's backbone sees when evaluating, from the same
     16-bit, 32-bit and float cells, are the same."""
-    from hf_pds.embedding import _image_batches
+    import torch
+
+    from hf_pds.embedding import _pixel_batches
     from hf_pds.evaluation.encoders import _resized_batch
 
     side = 8
@@ -193,7 +196,13 @@ def test_a_distilled_image_and_an_evaluated_image_of_the_same_source_agree():
         {"image": cells, "caption": ["a"] * 3},
         features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}),
     )
-    (distilled,) = list(_image_batches(dataset, "image", [[0, 1, 2]]))
+    distilled = []  # what the CLIP feature extractor is given when distilling
+
+    def feature_extractor(images, return_tensors):
+        distilled.extend(images)
+        return SimpleNamespace(pixel_values=torch.zeros(len(images)))
+
+    list(_pixel_batches(dataset, "image", [[0, 1, 2]], SimpleNamespace(feature_extractor=feature_extractor), 1))
     evaluated = _resized_batch(list(dataset.cast_column("image", datasets.Image(decode=False))["image"]), side)
     for image, pixels in zip(distilled, evaluated, strict=True):
         np.testing.assert_array_equal(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0, pixels)

@@ -8,7 +8,9 @@ the main process, one batch of images at a time, and its rows are checked as the
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,12 +66,14 @@ def embed(
     cache: EmbeddingCache | None = None,
     progress: bool = True,
     state=SINGLE_PROCESS,
+    workers: int = 1,
 ) -> Embeddings:
     """Embed ``dataset``: its ``pairs`` (a map-style dataset, checked by :func:`hf_pds.pairs.read_pairs`) or, with
     ``pairs=None``, a stream read once by the main process. Every process gets the embeddings.
 
     With a ``cache``, a map-style dataset's embeddings are read from it when the same dataset, columns, row policy
-    and towers were embedded before, and written to it otherwise.
+    and towers were embedded before, and written to it otherwise. ``workers`` threads decode a map-style dataset's
+    images ahead of the encoder (a stream is read one batch at a time).
     """
     progress = progress and state.is_main_process
     if pairs is None:
@@ -92,7 +96,7 @@ def embed(
         if cached is not None:
             arrays, lists = cached
             return Embeddings(**arrays, **lists)
-    embeddings = embed_pairs(dataset, pairs, image_column, towers, device, batch_size, progress, state)
+    embeddings = embed_pairs(dataset, pairs, image_column, towers, device, batch_size, progress, state, workers)
     if cache is not None and state.is_main_process:
         cache.save(
             key,
@@ -104,19 +108,45 @@ def embed(
 
 @torch.no_grad()
 def embed_images(
-    batches: Iterable[list], towers: ClipTowers, device: torch.device | str, total: int | None, progress: bool = True
+    batches: Iterable[torch.Tensor],
+    towers: ClipTowers,
+    device: torch.device | str,
+    total: int | None,
+    progress: bool = True,
 ) -> torch.Tensor:
-    """Projected CLIP image embeddings ``[n, d]`` (float32, on ``device``) of batches of RGB PIL images."""
+    """Projected CLIP image embeddings ``[n, d]`` (float32, on ``device``) of batches of pixel values, as the
+    feature extractor makes them (see :func:`pixel_values`)."""
     dtype = next(towers.image_encoder.parameters()).dtype
     chunks = []
     with tqdm(total=total, desc="Embedding images", unit="img", disable=not progress) as bar:
-        for batch in batches:
-            pixels = towers.feature_extractor(images=batch, return_tensors="pt").pixel_values
+        for pixels in batches:
             chunks.append(towers.image_encoder(pixels.to(device=device, dtype=dtype)).image_embeds.float())
-            bar.update(len(batch))
+            bar.update(len(pixels))
     if not chunks:
         return torch.zeros((0, towers.image_encoder.config.projection_dim), device=device)
     return torch.cat(chunks)
+
+
+def pixel_values(images: list, towers: ClipTowers) -> torch.Tensor:
+    """The CLIP image encoder's input for a batch of RGB PIL images."""
+    return towers.feature_extractor(images=images, return_tensors="pt").pixel_values
+
+
+def in_threads(function: Callable, items: Iterable, workers: int) -> Iterator:
+    """``function(item)`` for each item, in order, computed by ``workers`` threads that run up to ``workers`` items
+    ahead of the consumer (one at a time, in this thread, when ``workers`` is 1). An exception is raised when its
+    item's result is due. Decoding and resizing images release the GIL, so the threads keep an accelerator fed."""
+    if workers <= 1:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 @torch.no_grad()
@@ -144,27 +174,31 @@ def embed_texts(
     return torch.cat(chunks)
 
 
-def _image_batches(dataset, image_column: str, batches: list[list[int]]) -> Iterator[list]:
-    """The RGB images of each batch of dataset rows; a row that cannot be decoded raises, naming it."""
+def _pixel_batches(
+    dataset, image_column: str, batches: list[list[int]], towers: ClipTowers, workers: int
+) -> Iterator[torch.Tensor]:
+    """The encoder's input for each batch of dataset rows, decoded and pre-processed by ``workers`` threads; a row
+    that cannot be decoded raises, naming it."""
     import datasets
 
     feature = dataset.features[image_column]
-    rows = [int(row) for batch in batches for row in batch]
-    cells = undecoded_cells(dataset.select(rows), image_column)
     feature = feature if isinstance(feature, datasets.Image) else None
-    position = 0
-    for batch in batches:
+    cells = undecoded_cells(dataset.select([int(row) for batch in batches for row in batch]), image_column)
+
+    def batches_of_cells():  # read here, in order; the threads only decode
+        for batch in batches:
+            yield [(int(row), next(cells)) for row in batch]
+
+    def prepare(batch: list[tuple[int, dict]]) -> torch.Tensor:
         images = []
-        for _ in batch:
-            image, problem = decode_rgb(next(cells), feature)
-            if problem is not None:
-                raise ValueError(
-                    f"Row {rows[position]}: column {image_column!r} {problem}. Fix it, or pass skip_invalid_rows=True "
-                    "to leave it out."
-                )
+        for row, cell in batch:
+            image, problem = decode_rgb(cell, feature)
+            if problem is not None:  # the cheap check before embedding could not tell
+                report_problems({row: f"column {image_column!r} {problem}"}, None, skip_invalid_rows=False)
             images.append(image)
-            position += 1
-        yield images
+        return pixel_values(images, towers)
+
+    return in_threads(prepare, batches_of_cells(), workers)
 
 
 def embed_pairs(
@@ -176,16 +210,17 @@ def embed_pairs(
     batch_size: int = 64,
     progress: bool = True,
     state=SINGLE_PROCESS,
+    workers: int = 1,
 ) -> Embeddings:
     """Embed the images of ``pairs.rows`` (once each) and every caption of ``pairs``.
 
-    Under several processes (``state``, an ``accelerate.PartialState``), each embeds a share of the batches
-    of images and of captions (the same batches as on one process), and every process gets all the
-    embeddings back, in order.
+    ``workers`` threads decode and pre-process the images, ahead of the encoder. Under several processes
+    (``state``, an ``accelerate.PartialState``), each embeds a share of the batches of images and of captions (the
+    same batches as on one process), and every process gets all the embeddings back, in order.
     """
     image_batches = [[pairs.rows[i] for i in batch] for batch in aligned_batches(len(pairs.rows), batch_size, state)]
     image_embeds = embed_images(
-        _image_batches(dataset, image_column, image_batches),
+        _pixel_batches(dataset, image_column, image_batches, towers, workers),
         towers,
         device,
         total=sum(len(batch) for batch in image_batches),
@@ -259,7 +294,8 @@ def embed_stream(
         if batch:
             yield batch
 
-    image_embeds = embed_images(image_batches(), towers, device, total=None, progress=progress).cpu().numpy()
+    pixels = (pixel_values(batch, towers) for batch in image_batches())  # one batch at a time: no read-ahead
+    image_embeds = embed_images(pixels, towers, device, total=None, progress=progress).cpu().numpy()
     report_problems(problems, len(rows) + len(problems), skip_invalid_rows=True)
     if not rows:
         raise ValueError("No usable row is left: the stream is empty, or no row has a usable image and caption.")

@@ -40,8 +40,11 @@ from .synthesis import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NEGATIVE_PROMPT,
     DEFAULT_NOISE_LEVEL,
-    DEFAULT_NUM_INFERENCE_STEPS,
     DEFAULT_OUTPUT_SIZE,
+    SCHEDULER_PRESETS,
+    compile_unet,
+    default_steps,
+    preset_scheduler,
     prototype_seed,
     synthesize,
 )
@@ -52,6 +55,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = "stabilityai/stable-diffusion-2-1-unclip-small"
+# Images or captions per CLIP forward pass: on a CPU, and on an accelerator.
+EMBEDDING_BATCH_SIZES = {"cpu": 64, "accelerator": 256}
+# Threads that decode images ahead of the CLIP image encoder, at most.
+MAX_DECODE_WORKERS = 8
 
 # The CLIP model whose text tower matches each unCLIP image encoder, keyed by the vision tower's
 # (hidden_size, projection_dim, patch_size).
@@ -146,7 +153,7 @@ class CheckedInputs:
     Attributes:
         pairs: the pairs of a map-style dataset; None for a stream, whose rows are checked as it is read.
         settings: the method and generation settings of the run, as the card and the run state record them.
-        embedding_batch_size, skip_invalid_rows: how to embed.
+        embedding_batch_size, decode_workers, skip_invalid_rows: how to embed.
         cache: the embedding cache, or None.
         output_dir: where to save the distilled set (absolute), or None.
         protected: folders the run reads, which an overwritten output must not be or contain.
@@ -155,6 +162,7 @@ class CheckedInputs:
     pairs: PairTable | None
     settings: dict
     embedding_batch_size: int
+    decode_workers: int
     skip_invalid_rows: bool
     cache: EmbeddingCache | None
     output_dir: Path | None
@@ -280,9 +288,13 @@ class PDSPipeline(DiffusionPipeline):
         """The CLIP towers that embed the dataset: unCLIP's image encoder and the matching text tower."""
         return ClipTowers(self.image_encoder, self.feature_extractor, self.clip_text_encoder, self.clip_tokenizer)
 
-    def unclip_pipeline(self) -> StableUnCLIPImg2ImgPipeline:
-        """A ``StableUnCLIPImg2ImgPipeline`` sharing this pipeline's unCLIP components (no copy)."""
-        unclip = StableUnCLIPImg2ImgPipeline(**{name: getattr(self, name) for name in _UNCLIP_COMPONENTS})
+    def unclip_pipeline(self, scheduler: str | None = None) -> StableUnCLIPImg2ImgPipeline:
+        """A ``StableUnCLIPImg2ImgPipeline`` sharing this pipeline's unCLIP components (no copy); with a fast
+        ``scheduler`` preset (``"dpm++"``), that scheduler, built from the checkpoint's scheduler config."""
+        components = {name: getattr(self, name) for name in _UNCLIP_COMPONENTS}
+        if scheduler is not None:
+            components["scheduler"] = preset_scheduler(scheduler, self.scheduler.config)
+        unclip = StableUnCLIPImg2ImgPipeline(**components)
         unclip.set_progress_bar_config(disable=True)
         return unclip
 
@@ -302,7 +314,10 @@ class PDSPipeline(DiffusionPipeline):
         seed,
         output_size,
         batch_size,
+        scheduler,
+        compile,
         embedding_batch_size,
+        decode_workers,
         skip_invalid_rows,
         kmeans_backend,
         output_dir,
@@ -328,6 +343,7 @@ class PDSPipeline(DiffusionPipeline):
             name: _flag(name, value)
             for name, value in (
                 ("normalize", normalize),
+                ("compile", compile),
                 ("skip_invalid_rows", skip_invalid_rows),
                 ("overwrite", overwrite),
                 ("fresh", fresh),
@@ -335,8 +351,12 @@ class PDSPipeline(DiffusionPipeline):
                 ("return_dict", return_dict),
             )
         }
+        if scheduler is not None and scheduler not in SCHEDULER_PRESETS:
+            raise ValueError(
+                f"scheduler must be None (the checkpoint's) or one of {sorted(SCHEDULER_PRESETS)}, got {scheduler!r}."
+            )
         generation = check_generation_settings(
-            num_inference_steps,
+            default_steps(scheduler) if num_inference_steps is None else num_inference_steps,
             guidance_scale,
             noise_level,
             self.image_noising_scheduler.config.num_train_timesteps,
@@ -353,7 +373,13 @@ class PDSPipeline(DiffusionPipeline):
             seed = int(torch.randint(0, 2**32 - 1, (1,), generator=generator, device=generator.device))
         prune_ratio = check_prune_ratio(prune_ratio)
         seed = check_seed(seed)
+        on_cpu = self._execution_device.type == "cpu"
+        if embedding_batch_size is None:
+            embedding_batch_size = EMBEDDING_BATCH_SIZES["cpu" if on_cpu else "accelerator"]
         embedding_batch_size = _integer("embedding_batch_size", embedding_batch_size, 1)
+        if decode_workers is None:
+            decode_workers = min(MAX_DECODE_WORKERS, os.cpu_count() or 1)
+        decode_workers = _integer("decode_workers", decode_workers, 1)
         kmeans_backend = resolve_kmeans_backend(kmeans_backend, device=self._execution_device)
         cache_dir = _optional_path("cache_dir", cache_dir)
         output_dir = _optional_path("output_dir", output_dir)
@@ -389,11 +415,15 @@ class PDSPipeline(DiffusionPipeline):
             "negative_prompt": negative_prompt,
             "output_size": generation["output_size"],
             "batch_size": generation["batch_size"],
+            "scheduler": type(self.scheduler).__name__ if scheduler is None else SCHEDULER_PRESETS[scheduler][0],
+            "scheduler_preset": scheduler,
+            "compile": flags["compile"],
         }
         return CheckedInputs(
             pairs=pairs,
             settings=settings,
             embedding_batch_size=embedding_batch_size,
+            decode_workers=decode_workers,
             skip_invalid_rows=flags["skip_invalid_rows"],
             cache=EmbeddingCache(cache_dir) if flags["use_cache"] else None,
             output_dir=output_dir,
@@ -410,7 +440,7 @@ class PDSPipeline(DiffusionPipeline):
         *,
         prune_ratio: float = 0.2,
         normalize: bool = False,
-        num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
+        num_inference_steps: int | None = None,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         noise_level: int = DEFAULT_NOISE_LEVEL,
         negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
@@ -418,7 +448,10 @@ class PDSPipeline(DiffusionPipeline):
         seed: int = 42,
         output_size: int | None = DEFAULT_OUTPUT_SIZE,
         batch_size: int = 8,
-        embedding_batch_size: int = 64,
+        scheduler: str | None = None,
+        compile: bool = False,
+        embedding_batch_size: int | None = None,
+        decode_workers: int | None = None,
         skip_invalid_rows: bool = False,
         kmeans_backend: str | None = "auto",
         output_dir: str | os.PathLike | None = None,
@@ -443,7 +476,8 @@ class PDSPipeline(DiffusionPipeline):
             prune_ratio (`float`, defaults to 0.2): fraction of pairs with the lowest image-text cosine dropped
                 before clustering.
             normalize (`bool`, defaults to `False`): cluster L2-normalised embeddings (prototypes stay raw means).
-            num_inference_steps (`int`, defaults to 100): denoising steps of unCLIP.
+            num_inference_steps (`int`, *optional*): denoising steps of unCLIP; defaults to the paper's 100, or to
+                the fast preset's (25 for `"dpm++"`).
             guidance_scale (`float`, defaults to 5.0): classifier-free guidance scale; <= 1 turns it off.
             noise_level (`int`, defaults to 10): noise added to the image prototype before conditioning.
             negative_prompt (`str`, defaults to `"text, watermark"`): negative prompt of every image.
@@ -454,7 +488,17 @@ class PDSPipeline(DiffusionPipeline):
                 decoder's size.
             batch_size (`int`, defaults to 8): prototypes decoded at once on an accelerator (one at a time on a CPU,
                 where images are then bit-identical for any batch size).
-            embedding_batch_size (`int`, defaults to 64): images or captions per CLIP forward pass.
+            scheduler (`str`, *optional*): None (the default) keeps the checkpoint's scheduler (PNDM for stable
+                unCLIP), as the paper does; `"dpm++"` is a fast preset: `DPMSolverMultistepScheduler`, built from the
+                checkpoint's scheduler config, at 25 steps unless `num_inference_steps` says otherwise. Its quality
+                against the paper's 100 steps is not measured by hf-pds. The card records the scheduler and steps.
+            compile (`bool`, defaults to `False`): compile the UNet's repeated blocks with `torch.compile`
+                (regional compilation: the first batch waits for the compiler). Compiled kernels round differently,
+                so images match those of other compiled runs, not those of eager ones.
+            embedding_batch_size (`int`, *optional*): images or captions per CLIP forward pass; defaults to 64 on a
+                CPU and 256 on an accelerator.
+            decode_workers (`int`, *optional*): threads that decode and pre-process images ahead of the CLIP image
+                encoder; defaults to the number of CPU cores, at most 8.
             skip_invalid_rows (`bool`, defaults to `False`): leave out rows with a missing or undecodable image or an
                 empty caption (with a warning that gives the reason) instead of raising.
             kmeans_backend (`str`, defaults to `"auto"`): `"sklearn"` (the reference's MiniBatchKMeans call),
@@ -542,6 +586,7 @@ class PDSPipeline(DiffusionPipeline):
             cache=inputs.cache,
             progress=self._shows_progress(state),
             state=state,
+            workers=inputs.decode_workers,
         )
         logger.info(
             "Embeddings of %d images and %d captions ready in %.1f s.",
@@ -584,9 +629,10 @@ class PDSPipeline(DiffusionPipeline):
         started = time.perf_counter()
         count = len(checkpoint.prototypes)
         bar = {"desc": "Generating images", **self._progress_config(), "disable": not self._shows_progress(state)}
+        compile_unet(self.unet, settings["compile"])
         with tqdm(total=count, **bar) as progress:
             made = synthesize(
-                self.unclip_pipeline(),
+                self.unclip_pipeline(settings["scheduler_preset"]),
                 checkpoint.prototypes.image_prototypes,
                 checkpoint.prompts,
                 [prototype_seed(settings["seed"], index) for index in range(count)],
