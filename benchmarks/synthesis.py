@@ -24,69 +24,6 @@ import PIL.Image
 import torch
 
 
-def real_components(seed: int = 0) -> dict:
-    """The stable-diffusion-2-1-unclip-small architecture with random weights (values from DESIGN.md)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-    )
-
-    from hf_pds.testing import tiny_clip_tokenizer, unclip_scheduler
-
-    torch.manual_seed(seed)
-    tokenizer = tiny_clip_tokenizer()
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    vit_l_text = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
-    vit_h_text = {"hidden_size": 1024, "num_hidden_layers": 23, "num_attention_heads": 16, "intermediate_size": 4096}
-    return {
-        "feature_extractor": CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
-        "image_encoder": CLIPVisionModelWithProjection(
-            CLIPVisionConfig(
-                hidden_size=1024,
-                num_hidden_layers=24,
-                num_attention_heads=16,
-                intermediate_size=4096,
-                patch_size=14,
-                image_size=224,
-                projection_dim=768,
-            )
-        ),
-        "image_normalizer": StableUnCLIPImageNormalizer(embedding_dim=768),
-        "image_noising_scheduler": DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
-        "tokenizer": tokenizer,
-        "text_encoder": CLIPTextModel(CLIPTextConfig(vocab_size=49408, projection_dim=1024, **ids, **vit_h_text)),
-        "unet": UNet2DConditionModel(
-            sample_size=96,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            attention_head_dim=(5, 10, 20, 20),
-            cross_attention_dim=1024,
-            use_linear_projection=True,
-            class_embed_type="projection",
-            projection_class_embeddings_input_dim=1536,
-        ),
-        "scheduler": unclip_scheduler(),
-        "vae": AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-            scaling_factor=0.18215,
-        ),
-        "clip_tokenizer": tiny_clip_tokenizer(),
-        "clip_text_encoder": CLIPTextModelWithProjection(
-            CLIPTextConfig(vocab_size=49408, projection_dim=768, **ids, **vit_l_text)
-        ),
-    }
-
-
 def reference_loop(unclip, embeds, prompts, steps, generator):
     """The reference: one call per prototype, noise drawn from one shared generator."""
     for index in range(len(prompts)):
@@ -119,16 +56,15 @@ def main() -> None:
     print(f"# python benchmarks/synthesis.py {' '.join(sys.argv[1:])}")
 
     from hf_pds import PDSPipeline
-    from hf_pds.embedding import embed_images, embed_texts
+    from hf_pds.embedding import embed_images, embed_texts, pixel_values
     from hf_pds.synthesis import prototype_seed, synthesize
-    from hf_pds.testing import tiny_pds_components
+    from hf_pds.testing import real_size_pds_components, tiny_pds_components
 
     dtype = getattr(torch, args.dtype)
-    components = real_components() if args.size == "real" else tiny_pds_components()
+    components = real_size_pds_components() if args.size == "real" else tiny_pds_components()
     pipe = PDSPipeline(**components).to(args.device)
     if dtype != torch.float32:
         pipe = pipe.to(dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
     unclip = pipe.unclip_pipeline()
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"device: {device_name}, torch threads: {torch.get_num_threads()}, size: {args.size}, dtype: {args.dtype}")
@@ -160,18 +96,19 @@ def main() -> None:
 
     size = pipe.feature_extractor.crop_size["height"]
     pictures = [PIL.Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(args.embed)]
-    batches = [pictures[start : start + 64] for start in range(0, len(pictures), 64)]
-    embed_images(batches[:1], pipe.image_encoder, pipe.feature_extractor, args.device, progress=False)
+    towers = pipe.clip_towers
+    batches = [pixel_values(pictures[start : start + 64], towers) for start in range(0, len(pictures), 64)]
+    embed_images(batches[:1], towers, args.device, total=None, progress=False)
     synchronize(args.device)
     started = time.perf_counter()
-    embed_images(batches, pipe.image_encoder, pipe.feature_extractor, args.device, progress=False)
+    embed_images(batches, towers, args.device, total=None, progress=False)
     synchronize(args.device)
     images_per_second = args.embed / (time.perf_counter() - started)
     captions = [
         [prompts[index % len(prompts)] for index in range(start, start + 256)] for start in range(0, args.embed, 256)
     ]
     started = time.perf_counter()
-    embed_texts(captions, pipe.clip_text_encoder, pipe.clip_tokenizer, args.device, progress=False)
+    embed_texts(captions, towers, args.device, progress=False)
     synchronize(args.device)
     captions_per_second = sum(map(len, captions)) / (time.perf_counter() - started)
 

@@ -425,3 +425,10 @@ def test_bad_generation_settings_are_named(kwargs, message):
     settings.update(kwargs)
     with pytest.raises(ValueError, match=message):
         check_generation_settings(**settings)
+
+
+def test_the_output_says_how_long_each_step_took(pipe, dataset, tmp_path):
+    out = pipe(dataset, budget=3, output_dir=tmp_path / "out", **FAST)
+    assert set(out.timings) == {"check_inputs", "embedding", "prototypes", "synthesis", "save"}
+    assert all(seconds > 0 for seconds in out.timings.values())
+    assert "timings" not in (tmp_path / "out" / "README.md").read_text()  # the card stays the same run to run

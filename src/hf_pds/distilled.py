@@ -73,12 +73,16 @@ class PDSPipelineOutput:
         settings: the method and generation settings of the run.
         provenance: where it came from: source dataset (id, split, fingerprint, license), models and their
             revisions, hf-pds version. Written into the card; edit it before saving to correct it.
+        timings: seconds spent in each step of the call that made it (``check_inputs``, ``embedding``,
+            ``prototypes``, ``synthesis``, ``save``; a resumed run skips ``embedding`` and ``prototypes``). Not
+            written into the card.
     """
 
     dataset: datasets.Dataset
     prototypes: Prototypes
     settings: dict
     provenance: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
 
     def save(
         self,

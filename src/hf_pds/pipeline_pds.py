@@ -526,8 +526,11 @@ class PDSPipeline(DiffusionPipeline):
             [`PDSPipelineOutput`] with the distilled ``dataset`` and its ``prototypes``, or the tuple
             ``(dataset, prototypes)``.
         """
+        given = {name: value for name, value in locals().items() if name != "self"}
+        started = time.perf_counter()
         # 1. Check inputs, before any model runs (a stream's rows are checked as it is read).
-        inputs = self.check_inputs(**{name: value for name, value in locals().items() if name != "self"})
+        inputs = self.check_inputs(**given)
+        timings = {"check_inputs": time.perf_counter() - started}
         state = process_state()
         arguments = {
             **inputs.settings,
@@ -545,15 +548,15 @@ class PDSPipeline(DiffusionPipeline):
 
             # 2. Embed every image once and every caption with CLIP, through the embedding cache. A resumed run
             #    skips steps 2 and 3: its checkpoint holds what they made.
-            embeddings = None if resumed else self._embed(dataset, image_column, caption_column, inputs, state)
+            embeddings = None if resumed else self._embed(dataset, image_column, caption_column, inputs, state, timings)
 
             # 3. Prune, cluster and match on the main process: the prototypes, shared with every process.
-            checkpoint = resumed or self._find_prototypes(embeddings, inputs.settings, state)
+            checkpoint = resumed or self._find_prototypes(embeddings, inputs.settings, state, timings)
             if run is not None:
                 run.save_checkpoint(checkpoint, state)
 
             # 4. Decode each image prototype, prompted by its retrieved caption, with its own seed.
-            images = self._decode(checkpoint, inputs.settings, run, state)
+            images = self._decode(checkpoint, inputs.settings, run, state, timings)
 
             # 5. The distilled set; with output_dir, its folder, written by the main process.
             output = PDSPipelineOutput(
@@ -561,17 +564,22 @@ class PDSPipeline(DiffusionPipeline):
                 prototypes=checkpoint.prototypes,
                 settings={**inputs.settings, **checkpoint.sizes},
                 provenance={**self.provenance(dataset), **(provenance or {})},
+                timings=timings,
             )
             if run is not None:
+                started = time.perf_counter()
                 if state.is_main_process:
                     output.save(run.output_dir, overwrite=overwrite, protected=inputs.protected)
                     run.finish()
                 barrier(state)
+                timings["save"] = time.perf_counter() - started
         if not return_dict:
             return output.dataset, output.prototypes
         return output
 
-    def _embed(self, dataset, image_column: str, caption_column: str, inputs: CheckedInputs, state) -> Embeddings:
+    def _embed(
+        self, dataset, image_column: str, caption_column: str, inputs: CheckedInputs, state, timings: dict
+    ) -> Embeddings:
         """Step 2: the embeddings of every image and caption, from the cache or computed by every process."""
         started = time.perf_counter()
         embeddings = embed(
@@ -588,15 +596,16 @@ class PDSPipeline(DiffusionPipeline):
             state=state,
             workers=inputs.decode_workers,
         )
+        timings["embedding"] = time.perf_counter() - started
         logger.info(
             "Embeddings of %d images and %d captions ready in %.1f s.",
             len(embeddings.image_embeds),
             len(embeddings.text_embeds),
-            time.perf_counter() - started,
+            timings["embedding"],
         )
         return embeddings
 
-    def _find_prototypes(self, embeddings: Embeddings, settings: dict, state) -> Checkpoint:
+    def _find_prototypes(self, embeddings: Embeddings, settings: dict, state, timings: dict) -> Checkpoint:
         """Step 3: the prototypes (main process, broadcast), their prompts and the source's sizes."""
         started = time.perf_counter()
         prototypes = None
@@ -613,7 +622,8 @@ class PDSPipeline(DiffusionPipeline):
                 device=self._execution_device,
             )
         prototypes = broadcast(prototypes, state)
-        logger.info("Extracted %d prototypes in %.1f s.", len(prototypes), time.perf_counter() - started)
+        timings["prototypes"] = time.perf_counter() - started
+        logger.info("Extracted %d prototypes in %.1f s.", len(prototypes), timings["prototypes"])
         return Checkpoint(
             prototypes=prototypes,
             prompts=[embeddings.captions[index] for index in prototypes.caption_index],
@@ -624,7 +634,9 @@ class PDSPipeline(DiffusionPipeline):
             },
         )
 
-    def _decode(self, checkpoint: Checkpoint, settings: dict, run: RunState | None, state) -> list[bytes]:
+    def _decode(
+        self, checkpoint: Checkpoint, settings: dict, run: RunState | None, state, timings: dict
+    ) -> list[bytes]:
         """Step 4: the PNG of every prototype, in order; each process makes its share, finished ones are kept."""
         started = time.perf_counter()
         count = len(checkpoint.prototypes)
@@ -648,7 +660,8 @@ class PDSPipeline(DiffusionPipeline):
             )
         images = gather_dicts(made, state)
         self.maybe_free_model_hooks()
-        logger.info("Generated %d images in %.1f s.", count, time.perf_counter() - started)
+        timings["synthesis"] = time.perf_counter() - started
+        logger.info("Generated %d images in %.1f s.", count, timings["synthesis"])
         return [images[index] for index in range(count)]
 
     def _progress_config(self) -> dict:

@@ -207,6 +207,69 @@ def tiny_pds_pipeline(seed: int = 0) -> PDSPipeline:
     return pipeline
 
 
+def real_size_pds_components(seed: int = 0) -> dict:
+    """The components of stable-diffusion-2-1-unclip-small at their published sizes (DESIGN.md), random weights:
+    for speed and memory measurements, which depend on shapes only. A GPU's work: the UNet alone is 2.1 TFLOP per
+    sample at 96x96 latents."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    vit_l_text = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+    vit_h_text = {"hidden_size": 1024, "num_hidden_layers": 23, "num_attention_heads": 16, "intermediate_size": 4096}
+    return {
+        "feature_extractor": CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
+        "image_encoder": CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=1024,
+                num_hidden_layers=24,
+                num_attention_heads=16,
+                intermediate_size=4096,
+                patch_size=14,
+                image_size=224,
+                projection_dim=768,
+            )
+        ),
+        "image_normalizer": StableUnCLIPImageNormalizer(embedding_dim=768),
+        "image_noising_scheduler": image_noising_scheduler(),
+        "tokenizer": tokenizer,
+        "text_encoder": CLIPTextModel(CLIPTextConfig(vocab_size=49408, projection_dim=1024, **ids, **vit_h_text)),
+        "unet": UNet2DConditionModel(
+            sample_size=96,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            attention_head_dim=(5, 10, 20, 20),
+            cross_attention_dim=1024,
+            use_linear_projection=True,
+            class_embed_type="projection",
+            projection_class_embeddings_input_dim=1536,
+        ),
+        "scheduler": unclip_scheduler(),
+        "vae": AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            scaling_factor=0.18215,
+        ),
+        "clip_tokenizer": tiny_clip_tokenizer(),
+        "clip_text_encoder": CLIPTextModelWithProjection(
+            CLIPTextConfig(vocab_size=49408, projection_dim=768, **ids, **vit_l_text)
+        ),
+    }
+
+
 # The two public stable unCLIP checkpoints: the widths of their embedding spaces, and the CLIP model whose
 # vision tower is their image encoder (DESIGN.md, "The real checkpoints").
 CHECKPOINT_LAYOUTS = {
