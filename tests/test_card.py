@@ -65,3 +65,15 @@ def test_license_is_inherited_when_it_is_an_identifier(source, expected):
     license_id, note = card_license(source)
     assert license_id == expected[0]
     assert (note is None) if expected[1] is None else (expected[1] in note)
+
+
+def test_the_card_shows_how_faithful_the_images_are(saved, distilled):
+    card = (saved / "README.md").read_text()
+    fidelity = np.asarray(distilled.dataset["fidelity"], dtype=np.float64)
+    mean, p5 = round(float(fidelity.mean()), 3), round(float(np.percentile(fidelity, 5)), 3)
+    assert f"| fidelity (image vs its image prototype) | {mean} | {p5} |" in card
+    lowest = int(np.argmin(fidelity))
+    assert f"| {lowest} | {round(float(fidelity[lowest]), 3)} | {distilled.dataset[lowest]['caption']} |" in card
+    assert "`fidelity` | float | cosine of the image's CLIP embedding and its image prototype" in card
+    plot = PIL.Image.open(saved / "fidelity.png")
+    assert plot.format == "PNG" and plot.size[0] > plot.size[1]

@@ -22,7 +22,13 @@ TOKEN = "hf_secretTOKEN1234567890"
 
 def test_save_then_load_dataset_gives_identical_rows(distilled, tmp_path):
     folder = distilled.save(tmp_path / "distilled")
-    assert sorted(path.name for path in folder.iterdir()) == ["README.md", "data", "preview.png", "stats.png"]
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "README.md",
+        "data",
+        "fidelity.png",
+        "preview.png",
+        "stats.png",
+    ]
     loaded = datasets.load_dataset(str(folder), split="train")
     assert loaded.features == distilled.dataset.features
     original_bytes = distilled.dataset.cast_column("image", datasets.Image(decode=False))["image"]
@@ -58,7 +64,13 @@ def test_overwrite_replaces_a_saved_folder(distilled, tmp_path):
     distilled.save(target)
     (target / "stale.txt").write_text("from an older run")
     distilled.save(target, overwrite=True)
-    assert sorted(path.name for path in target.iterdir()) == ["README.md", "data", "preview.png", "stats.png"]
+    assert sorted(path.name for path in target.iterdir()) == [
+        "README.md",
+        "data",
+        "fidelity.png",
+        "preview.png",
+        "stats.png",
+    ]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
 
@@ -134,7 +146,7 @@ def test_push_to_hub_is_private_by_default_and_sends_the_whole_folder(distilled,
     assert hub[2] == ("create_repo", "me/pds-5", {"repo_type": "dataset", "private": True, "exist_ok": True})
     _, upload, files, card = hub[3]
     assert upload["repo_type"] == "dataset" and upload["repo_id"] == "me/pds-5"
-    assert files == ["README.md", "data/train-00000-of-00001.parquet", "preview.png", "stats.png"]
+    assert files == ["README.md", "data/train-00000-of-00001.parquet", "fidelity.png", "preview.png", "stats.png"]
     assert card.data.configs[0]["data_files"][0]["path"] == "data/train-*.parquet"
     assert 'load_dataset("me/pds-5", split="train")' in card.text
     output = capsys.readouterr()
@@ -281,7 +293,13 @@ def test_leftovers_of_an_interrupted_save_are_cleaned_by_the_next_save(distilled
     assert not leftovers["dead", "partial"].exists() and not leftovers["dead", "old"].exists()
     assert leftovers["alive", "partial"].exists() and leftovers["alive", "old"].exists()  # a live writer's
     assert foreign.exists()  # not written by hf-pds: left alone
-    assert sorted(path.name for path in target.iterdir()) == ["README.md", "data", "preview.png", "stats.png"]
+    assert sorted(path.name for path in target.iterdir()) == [
+        "README.md",
+        "data",
+        "fidelity.png",
+        "preview.png",
+        "stats.png",
+    ]
 
 
 def test_a_source_that_cannot_be_loaded_is_one_clear_error(tmp_path):

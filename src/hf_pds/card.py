@@ -20,6 +20,9 @@ TEMPLATES = "hf_pds.model_card_templates"
 TEMPLATE = "distilled_dataset_card.md"
 PREVIEW_FILE = "preview.png"
 STATS_FILE = "stats.png"
+FIDELITY_FILE = "fidelity.png"
+# Rows listed in the card as the images least like their prototypes.
+LOWEST_FIDELITY_ROWS = 5
 TAGS = ["dataset-distillation", "synthetic", "pds", "image-text"]
 # A Hub license field takes an identifier such as "cc-by-4.0"; free text goes to the card body instead.
 _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
@@ -50,24 +53,49 @@ def preview_grid(dataset, count: int = 16, columns: int = 4, cell: int = 192) ->
     return grid
 
 
-def stats_plot(support: np.ndarray, similarity: np.ndarray) -> PIL.Image.Image:
-    """Two panels: source pairs behind each prototype, and the distribution of image-text similarity."""
+def _two_panels(draw) -> PIL.Image.Image:
+    """A figure of two side-by-side panels, drawn by ``draw(left, right)`` (matplotlib axes), as an RGB image."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2), dpi=100)
-    left.bar(np.arange(len(support)), support, width=1.0, color="#4c72b0")
-    left.set(xlabel="prototype (sorted by similarity)", ylabel="source pairs", title="Support per prototype")
-    right.hist(similarity, bins=min(30, max(5, len(similarity) // 3)), color="#dd8452")
-    right.set(xlabel="cosine(image prototype, text prototype)", ylabel="prototypes", title="Image-text similarity")
+    draw(left, right)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
     buffer.seek(0)
     return PIL.Image.open(buffer).convert("RGB")
+
+
+def _bins(values: np.ndarray) -> int:
+    return min(30, max(5, len(values) // 3))
+
+
+def stats_plot(support: np.ndarray, similarity: np.ndarray) -> PIL.Image.Image:
+    """Two panels: source pairs behind each prototype, and the distribution of image-text similarity."""
+
+    def draw(left, right):
+        left.bar(np.arange(len(support)), support, width=1.0, color="#4c72b0")
+        left.set(xlabel="prototype (sorted by similarity)", ylabel="source pairs", title="Support per prototype")
+        right.hist(similarity, bins=_bins(similarity), color="#dd8452")
+        right.set(xlabel="cosine(image prototype, text prototype)", ylabel="prototypes", title="Image-text similarity")
+
+    return _two_panels(draw)
+
+
+def fidelity_plot(fidelity: np.ndarray, text_alignment: np.ndarray) -> PIL.Image.Image:
+    """Two panels: how close each image's CLIP embedding is to its image prototype, and to its text prototype."""
+
+    def draw(left, right):
+        left.hist(fidelity, bins=_bins(fidelity), color="#55a868")
+        left.set(xlabel="cosine(image, its image prototype)", ylabel="images", title="Fidelity")
+        right.hist(text_alignment, bins=_bins(text_alignment), color="#8172b3")
+        right.set(xlabel="cosine(image, its text prototype)", ylabel="images", title="Text alignment")
+
+    return _two_panels(draw)
 
 
 def _summary(values: np.ndarray, digits: int | None) -> dict:
@@ -78,11 +106,21 @@ def _summary(values: np.ndarray, digits: int | None) -> dict:
     }
 
 
+def _spread(values: np.ndarray) -> dict:
+    """Mean, 5th percentile and min, to 3 decimals."""
+    return {
+        "mean": round(float(np.mean(values)), 3),
+        "p5": round(float(np.percentile(values, 5)), 3),
+        "min": round(float(np.min(values)), 3),
+    }
+
+
 def render_card(dataset, prototypes, settings: dict, provenance: dict, repo_id: str | None = None) -> str:
     """The README.md of a distilled set, from ``model_card_templates/distilled_dataset_card.md``."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
     source = provenance.get("source_dataset")
+    fidelity, text_alignment = _scores(dataset)
     license_id, license_note = card_license(provenance.get("source_license"))
     pretty_name = f"{source.split('/')[-1] if source else 'Distilled'} PDS {len(dataset)} pairs"
     card_data = DatasetCardData(
@@ -122,6 +160,12 @@ def render_card(dataset, prototypes, settings: dict, provenance: dict, repo_id: 
         image_dim=prototypes.image_prototypes.shape[1],
         support=_summary(prototypes.support, None),
         similarity=_summary(prototypes.similarity, 3),
+        fidelity=_spread(fidelity),
+        text_alignment=_spread(text_alignment),
+        lowest_fidelity=[
+            {"row": int(row), "fidelity": round(float(fidelity[row]), 3), "caption": dataset[int(row)]["caption"]}
+            for row in np.argsort(fidelity, kind="stable")[:LOWEST_FIDELITY_ROWS]
+        ],
         covered_pairs=int(prototypes.support.sum()),
         kept_pairs=prototypes.n_pairs - prototypes.n_pruned,
         fallbacks=int((prototypes.support == 0).sum()),
@@ -134,11 +178,18 @@ def _is_hub_id(name: str | None) -> bool:
     return bool(name) and re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) is not None
 
 
+def _scores(dataset) -> tuple[np.ndarray, np.ndarray]:
+    """The ``fidelity`` and ``text_alignment`` columns of a distilled set."""
+    scores = dataset.select_columns(["fidelity", "text_alignment"]).with_format("numpy")
+    return np.asarray(scores["fidelity"]), np.asarray(scores["text_alignment"])
+
+
 def card_files(dataset, prototypes, settings: dict, provenance: dict, repo_id: str | None = None):
-    """``(README text, {relative path: bytes})``: the card with its preview and statistics images."""
+    """``(README text, {relative path: bytes})``: the card with its preview, statistics and fidelity images."""
     card = render_card(dataset, prototypes, settings, provenance, repo_id)
     images = {
         PREVIEW_FILE: encode_png(preview_grid(dataset)),
         STATS_FILE: encode_png(stats_plot(prototypes.support, prototypes.similarity)),
+        FIDELITY_FILE: encode_png(fidelity_plot(*_scores(dataset))),
     }
     return card, images

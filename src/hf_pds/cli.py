@@ -100,6 +100,13 @@ def _add_distill_options(distill: argparse.ArgumentParser, defaults: dict) -> No
         "--compile", action="store_true", help="compile the UNet's repeated blocks with torch.compile"
     )
     generation.add_argument(
+        "--candidates",
+        type=int,
+        default=defaults["candidates"],
+        help="images made per prototype; the one closest to its prototype in CLIP space is kept (default: "
+        "%(default)s, the paper's)",
+    )
+    generation.add_argument(
         "--guidance-scale", type=float, default=defaults["guidance_scale"], help="guidance scale (default: %(default)s)"
     )
     generation.add_argument(
@@ -271,7 +278,7 @@ def _distill(args: argparse.Namespace) -> Path:
         args.output_size,
         args.batch_size,
     )
-    for option in ("embedding_batch_size", "decode_workers"):
+    for option in ("embedding_batch_size", "decode_workers", "candidates"):
         value = getattr(args, option)
         if value is not None and value < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be a positive integer, got {value}.")

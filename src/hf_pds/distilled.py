@@ -14,6 +14,7 @@ import numpy as np
 from .card import card_files
 from .hub import push_folder, write_hub_folder
 from .prototypes import Prototypes
+from .synthesis import Generated
 
 COLUMNS = (
     "image",
@@ -23,6 +24,8 @@ COLUMNS = (
     "support",
     "similarity",
     "source_caption_index",
+    "fidelity",
+    "text_alignment",
 )
 
 
@@ -37,27 +40,32 @@ def distilled_features(image_dim: int, text_dim: int) -> datasets.Features:
             "support": datasets.Value("int64"),
             "similarity": datasets.Value("float32"),
             "source_caption_index": datasets.Value("int64"),
+            "fidelity": datasets.Value("float32"),
+            "text_alignment": datasets.Value("float32"),
         }
     )
 
 
 def build_distilled_dataset(
-    images: Sequence[bytes], prototypes: Prototypes, prompts: Sequence[str]
+    images: Sequence[Generated], prototypes: Prototypes, prompts: Sequence[str]
 ) -> datasets.Dataset:
-    """Rows of (synthetic image, retrieved caption, prototype embeddings, provenance).
+    """Rows of (synthetic image, retrieved caption, prototype embeddings, provenance, fidelity).
 
-    ``images`` are PNG bytes, stored as they are; ``prompts`` the caption of each prototype.
+    ``images`` are the generated images with their scores (their PNG bytes are stored as they are); ``prompts``
+    the caption of each prototype.
     """
     if not len(images) == len(prompts) == len(prototypes):
         raise ValueError(f"Got {len(images)} images and {len(prompts)} captions for {len(prototypes)} prototypes.")
     columns = {
-        "image": [{"bytes": png, "path": None} for png in images],
+        "image": [{"bytes": image.png, "path": None} for image in images],
         "caption": list(prompts),
         "text_embedding": prototypes.text_prototypes.astype(np.float32),
         "image_embedding": prototypes.image_prototypes.astype(np.float32),
         "support": prototypes.support.astype(np.int64),
         "similarity": prototypes.similarity.astype(np.float32),
         "source_caption_index": prototypes.caption_index.astype(np.int64),
+        "fidelity": np.asarray([image.fidelity for image in images], dtype=np.float32),
+        "text_alignment": np.asarray([image.text_alignment for image in images], dtype=np.float32),
     }
     features = distilled_features(prototypes.image_prototypes.shape[1], prototypes.text_prototypes.shape[1])
     return datasets.Dataset.from_dict(columns, features=features)

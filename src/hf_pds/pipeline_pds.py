@@ -42,6 +42,8 @@ from .synthesis import (
     DEFAULT_NOISE_LEVEL,
     DEFAULT_OUTPUT_SIZE,
     SCHEDULER_PRESETS,
+    Generated,
+    best_candidates,
     compile_unet,
     default_steps,
     preset_scheduler,
@@ -314,6 +316,7 @@ class PDSPipeline(DiffusionPipeline):
         seed,
         output_size,
         batch_size,
+        candidates,
         scheduler,
         compile,
         embedding_batch_size,
@@ -380,6 +383,7 @@ class PDSPipeline(DiffusionPipeline):
         if decode_workers is None:
             decode_workers = min(MAX_DECODE_WORKERS, os.cpu_count() or 1)
         decode_workers = _integer("decode_workers", decode_workers, 1)
+        candidates = _integer("candidates", candidates, 1)
         kmeans_backend = resolve_kmeans_backend(kmeans_backend, device=self._execution_device)
         cache_dir = _optional_path("cache_dir", cache_dir)
         output_dir = _optional_path("output_dir", output_dir)
@@ -415,6 +419,7 @@ class PDSPipeline(DiffusionPipeline):
             "negative_prompt": negative_prompt,
             "output_size": generation["output_size"],
             "batch_size": generation["batch_size"],
+            "candidates": candidates,
             "scheduler": type(self.scheduler).__name__ if scheduler is None else SCHEDULER_PRESETS[scheduler][0],
             "scheduler_preset": scheduler,
             "compile": flags["compile"],
@@ -448,6 +453,7 @@ class PDSPipeline(DiffusionPipeline):
         seed: int = 42,
         output_size: int | None = DEFAULT_OUTPUT_SIZE,
         batch_size: int = 8,
+        candidates: int = 1,
         scheduler: str | None = None,
         compile: bool = False,
         embedding_batch_size: int | None = None,
@@ -488,6 +494,9 @@ class PDSPipeline(DiffusionPipeline):
                 decoder's size.
             batch_size (`int`, defaults to 8): prototypes decoded at once on an accelerator (one at a time on a CPU,
                 where images are then bit-identical for any batch size).
+            candidates (`int`, defaults to 1): images generated per prototype, each with its own seed from (run seed,
+                prototype, candidate); the one whose CLIP image embedding is closest to its image prototype (highest
+                `fidelity`) is kept, the lowest candidate on a tie. 1 is the paper's one image per prototype.
             scheduler (`str`, *optional*): None (the default) keeps the checkpoint's scheduler (PNDM for stable
                 unCLIP), as the paper does; `"dpm++"` is a fast preset: `DPMSolverMultistepScheduler`, built from the
                 checkpoint's scheduler config, at 25 steps unless `num_inference_steps` says otherwise. Its quality
@@ -636,18 +645,21 @@ class PDSPipeline(DiffusionPipeline):
 
     def _decode(
         self, checkpoint: Checkpoint, settings: dict, run: RunState | None, state, timings: dict
-    ) -> list[bytes]:
-        """Step 4: the PNG of every prototype, in order; each process makes its share, finished ones are kept."""
+    ) -> list[Generated]:
+        """Step 4: the image of every prototype, in order, with its fidelity: the best of its candidates. Each
+        process makes its share; images kept by an interrupted run are not made again."""
         started = time.perf_counter()
-        count = len(checkpoint.prototypes)
+        count, candidates = len(checkpoint.prototypes), settings["candidates"]
         bar = {"desc": "Generating images", **self._progress_config(), "disable": not self._shows_progress(state)}
         compile_unet(self.unet, settings["compile"])
-        with tqdm(total=count, **bar) as progress:
+        with tqdm(total=count * candidates, **bar) as progress:
             made = synthesize(
                 self.unclip_pipeline(settings["scheduler_preset"]),
                 checkpoint.prototypes.image_prototypes,
                 checkpoint.prompts,
                 [prototype_seed(settings["seed"], index) for index in range(count)],
+                text_embeds=checkpoint.prototypes.text_prototypes,
+                candidates=candidates,
                 num_inference_steps=settings["num_inference_steps"],
                 guidance_scale=settings["guidance_scale"],
                 noise_level=settings["noise_level"],
@@ -658,11 +670,11 @@ class PDSPipeline(DiffusionPipeline):
                 state=state,
                 progress=progress,
             )
-        images = gather_dicts(made, state)
+        images = best_candidates(gather_dicts(made, state), count, candidates)
         self.maybe_free_model_hooks()
         timings["synthesis"] = time.perf_counter() - started
-        logger.info("Generated %d images in %.1f s.", count, timings["synthesis"])
-        return [images[index] for index in range(count)]
+        logger.info("Generated %d images in %.1f s.", count * candidates, timings["synthesis"])
+        return images
 
     def _progress_config(self) -> dict:
         """The progress-bar settings of ``set_progress_bar_config`` (none when it was never called)."""

@@ -7,7 +7,8 @@ While ``pipe(..., output_dir=DIR)`` (CLI ``--output DIR``) runs, its state lives
 - ``checkpoint.npz`` and ``checkpoint.json`` (the prototypes, their prompts and the source sizes), then
   ``run.json`` (the run's arguments), written once the prototypes exist. From then on the run is resumable: the
   same call makes only the missing images; a call with other arguments is refused and told what changed.
-- ``images/000042.png``: each finished image, written atomically.
+- ``images/000042-0.png`` and ``.json``: each finished image (candidate 0 of prototype 42) and its scores,
+  written atomically.
 
 A run that fails before its prototypes exist (bad input, say) leaves no work folder. ``DIR`` itself appears only
 when the whole output is written, and then the work folder is removed.
@@ -32,6 +33,7 @@ import PIL.Image
 from .distributed import SINGLE_PROCESS, broadcast
 from .hub import write_atomically
 from .prototypes import Prototypes
+from .synthesis import Generated
 
 logger = logging.getLogger(__name__)
 
@@ -66,26 +68,32 @@ def _canonical(value):
 
 
 class ImageStore:
-    """Finished images of a run: ``images/000042.png`` for prototype 42."""
+    """Finished images of a run, with their scores: ``images/000042-1.png`` and ``images/000042-1.json`` for
+    candidate 1 of prototype 42. The scores are written after the image, so a complete pair is a finished image."""
 
     def __init__(self, folder: Path):
         self.folder = folder
 
-    def path(self, index: int) -> Path:
-        return self.folder / f"{index:06d}.png"
+    def path(self, index: int, candidate: int) -> Path:
+        return self.folder / f"{index:06d}-{candidate}.png"
 
-    def load(self, index: int) -> bytes | None:
-        """The PNG of prototype ``index``, or None when it is missing or unreadable."""
+    def load(self, index: int, candidate: int) -> Generated | None:
+        """Candidate ``candidate`` of prototype ``index``, or None when it is missing or unreadable."""
+        path = self.path(index, candidate)
         try:
-            png = self.path(index).read_bytes()
+            png = path.read_bytes()
             PIL.Image.open(io.BytesIO(png)).verify()
-        except (OSError, SyntaxError, ValueError):
+            scores = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+            return Generated(png, float(scores["fidelity"]), float(scores["text_alignment"]))
+        except (OSError, SyntaxError, ValueError, KeyError, TypeError):
             return None
-        return png
 
-    def save(self, index: int, png: bytes) -> None:
+    def save(self, index: int, candidate: int, image: Generated) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.path(index), png)
+        path = self.path(index, candidate)
+        write_atomically(path, image.png)
+        scores = {"fidelity": image.fidelity, "text_alignment": image.text_alignment}
+        write_atomically(path.with_suffix(".json"), json.dumps(scores).encode())
 
     def count(self) -> int:
         """How many images are stored (readable or not)."""
