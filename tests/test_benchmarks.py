@@ -37,6 +37,6 @@ def test_end_to_end_benchmark_runs_tiny_and_ends_with_its_summary_line(tmp_path)
     assert finished.returncode == 0, finished.stderr[-4000:]
     lines = finished.stdout.strip().splitlines()
     assert END_TO_END.fullmatch(lines[-1]), lines[-5:]
-    assert "run B read its embeddings from the cache: no CLIP forward pass" in finished.stdout
+    assert "run B read its embeddings from the cache: no CLIP text forward pass" in finished.stdout
     # The run's embedding cache is its own, and it is removed at the end.
     assert list(caches.iterdir()) == []

@@ -564,7 +564,8 @@ class PDSPipeline(DiffusionPipeline):
             if run is not None:
                 run.save_checkpoint(checkpoint, state)
 
-            # 4. Decode each image prototype, prompted by its retrieved caption, with its own seed.
+            # 4. Decode each image prototype, prompted by its retrieved caption, with its own seed (the best of
+            #    its candidates, by fidelity), and score each image against its prototypes.
             images = self._decode(checkpoint, inputs.settings, run, state, timings)
 
             # 5. The distilled set; with output_dir, its folder, written by the main process.
