@@ -281,6 +281,26 @@ def ranking(rows: list[dict]) -> str:
     return "; ".join(parts)
 
 
+def bracket(rows: list[dict], low: str = "kmeans-nearest", method: str = "pds-select", high: str = ORACLE) -> str:
+    """Where ``method`` sits between the clustering baseline ``low`` and the ceiling ``high`` at each budget: the
+    share of the rsum gap from ``low`` to ``high`` that it covers (0%: as ``low``; 100%: as ``high``)."""
+    means = {(row["method"], row["budget"]): row["metrics"]["rsum"]["mean"] for row in rows}
+    budgets = sorted(budget for name, budget in means if name == method and budget is not None)
+    parts = []
+    for budget in budgets:
+        if (low, budget) not in means or (high, budget) not in means:
+            continue
+        gap = means[high, budget] - means[low, budget]
+        share = (means[method, budget] - means[low, budget]) / gap if gap > 0 else float("nan")
+        parts.append(f"{budget} pairs: {share:.0%}" if gap > 0 else f"{budget} pairs: {low} is above {high}")
+    if not parts:
+        return ""
+    return (
+        f"Where `{method}` sits between `{low}` (0%) and `{high}` (100%), as the share of the rsum gap between them "
+        f"that it covers: {'; '.join(parts)}."
+    )
+
+
 def comparison_lines(rows: list[dict]) -> list[str]:
     """The reading of one table: each PDS variant against the baselines, the text prototype against the retrieved
     caption, and the oracle against pds-select."""
@@ -295,7 +315,10 @@ def comparison_lines(rows: list[dict]) -> list[str]:
         lines += ["Text prototype against retrieved caption, on the same prototypes and images:", "", *head_to_head, ""]
     ceiling = compare(rows, ORACLE, sorted(methods - {PDS_VARIANTS[0]}))
     if ceiling:
-        lines += ["Ideal synthesis (`pds-oracle`) against the nearest real images (`pds-select`):", "", *ceiling]
+        lines += ["Ideal synthesis (`pds-oracle`) against the nearest real images (`pds-select`):", "", *ceiling, ""]
+    position = bracket(rows)
+    if position:
+        lines += [position]
     while lines and not lines[-1]:
         lines.pop()
     return lines
