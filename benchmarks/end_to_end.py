@@ -42,7 +42,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -217,19 +216,6 @@ class ForwardCounter:
         self.calls += 1
 
 
-def prefetched(function, items, workers: int):
-    """``function(item)`` for each item, in order, computed by ``workers`` threads at most ``workers`` items ahead
-    (the reference's DataLoader workers, as threads)."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(function, item))
-            if len(pending) > workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
 @torch.no_grad()
 def reference_embedding(dataset, towers, device: str, n_images: int) -> tuple[int, int]:
     """The reference's embedding of the first ``n_images`` rows: one (image, caption) pair at a time, so each image
@@ -237,7 +223,7 @@ def reference_embedding(dataset, towers, device: str, n_images: int) -> tuple[in
     2000. Returns (image forward passes, captions)."""
     import datasets
 
-    from hf_pds.embedding import embed_texts
+    from hf_pds.embedding import embed_texts, in_threads
 
     subset = dataset.select(range(n_images))
     captions = list(subset["caption"])
@@ -251,7 +237,7 @@ def reference_embedding(dataset, towers, device: str, n_images: int) -> tuple[in
         return towers.feature_extractor(images=images, return_tensors="pt").pixel_values
 
     workers = min(REFERENCE_LOADER_WORKERS, os.cpu_count() or 1)
-    for pixels in prefetched(load, batches, workers):
+    for pixels in in_threads(load, batches, workers):  # the reference's DataLoader workers, as threads
         towers.image_encoder(pixels.to(device=device, dtype=dtype)).image_embeds.cpu()
     texts = [caption for _, caption in pairs]
     chunks = [texts[start : start + REFERENCE_TEXT_CHUNK] for start in range(0, len(texts), REFERENCE_TEXT_CHUNK)]

@@ -98,3 +98,21 @@ def distill_arguments(inputs: Path, output: Path, *extra: str) -> list[str]:
         "--device", "cpu",
         *extra,
     ]  # fmt: skip
+
+
+def crash_encoding_after(monkeypatch, count: int | None) -> list:
+    """Make synthesis fail ("the machine went down") when it is about to encode image ``count + 1`` (None: never);
+    returns a list that grows by one per image encoded."""
+    import hf_pds.pairs
+    import hf_pds.synthesis
+
+    made = []
+
+    def encode(image):
+        if len(made) == count:
+            raise RuntimeError("the machine went down")
+        made.append(1)
+        return hf_pds.pairs.encode_png(image)
+
+    monkeypatch.setattr(hf_pds.synthesis, "encode_png", encode)
+    return made

@@ -18,17 +18,13 @@ from hf_pds.hub import push_folder, size_category
 from hf_pds.testing import tiny_pds_pipeline
 
 TOKEN = "hf_secretTOKEN1234567890"
+# What a saved distilled set holds.
+SAVED_FILES = ["README.md", "data", "fidelity.png", "preview.png", "stats.png"]
 
 
 def test_save_then_load_dataset_gives_identical_rows(distilled, tmp_path):
     folder = distilled.save(tmp_path / "distilled")
-    assert sorted(path.name for path in folder.iterdir()) == [
-        "README.md",
-        "data",
-        "fidelity.png",
-        "preview.png",
-        "stats.png",
-    ]
+    assert sorted(path.name for path in folder.iterdir()) == SAVED_FILES
     loaded = datasets.load_dataset(str(folder), split="train")
     assert loaded.features == distilled.dataset.features
     original_bytes = distilled.dataset.cast_column("image", datasets.Image(decode=False))["image"]
@@ -64,13 +60,7 @@ def test_overwrite_replaces_a_saved_folder(distilled, tmp_path):
     distilled.save(target)
     (target / "stale.txt").write_text("from an older run")
     distilled.save(target, overwrite=True)
-    assert sorted(path.name for path in target.iterdir()) == [
-        "README.md",
-        "data",
-        "fidelity.png",
-        "preview.png",
-        "stats.png",
-    ]
+    assert sorted(path.name for path in target.iterdir()) == SAVED_FILES
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
 
@@ -293,13 +283,7 @@ def test_leftovers_of_an_interrupted_save_are_cleaned_by_the_next_save(distilled
     assert not leftovers["dead", "partial"].exists() and not leftovers["dead", "old"].exists()
     assert leftovers["alive", "partial"].exists() and leftovers["alive", "old"].exists()  # a live writer's
     assert foreign.exists()  # not written by hf-pds: left alone
-    assert sorted(path.name for path in target.iterdir()) == [
-        "README.md",
-        "data",
-        "fidelity.png",
-        "preview.png",
-        "stats.png",
-    ]
+    assert sorted(path.name for path in target.iterdir()) == SAVED_FILES
 
 
 def test_a_source_that_cannot_be_loaded_is_one_clear_error(tmp_path):

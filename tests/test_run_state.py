@@ -7,29 +7,17 @@ import time
 import datasets
 import pytest
 
-from helpers import FAST, cli, distill_arguments, folder_bytes
+from helpers import FAST, cli, crash_encoding_after, distill_arguments, folder_bytes
 
 
 def test_a_crashed_run_resumes_with_the_missing_images_only(pipe, dataset, tmp_path, monkeypatch):
-    import hf_pds.synthesis as synthesis
-
     reference = pipe(dataset, budget=5, output_dir=tmp_path / "reference", **FAST)
-    real_encode = synthesis.encode_png
-    made = []
-
-    def crash_after_three(image):
-        if len(made) == 3:
-            raise RuntimeError("the machine went down")
-        made.append(1)
-        return real_encode(image)
-
-    monkeypatch.setattr(synthesis, "encode_png", crash_after_three)
+    crash_encoding_after(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="went down"):
         pipe(dataset, budget=5, output_dir=tmp_path / "out", **FAST)
     work = tmp_path / ".out.pds-run"
     assert not (tmp_path / "out").exists() and len(list((work / "images").glob("*.png"))) == 3
-    made.clear()
-    monkeypatch.setattr(synthesis, "encode_png", lambda image: made.append(1) or real_encode(image))
+    made = crash_encoding_after(monkeypatch, None)
     pipe(dataset, budget=5, output_dir=tmp_path / "out", **FAST)
     assert len(made) == 2  # only the two missing images
     assert not work.exists()

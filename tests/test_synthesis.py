@@ -3,7 +3,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from helpers import folder_bytes
+from helpers import crash_encoding_after, folder_bytes
 from hf_pds.synthesis import prototype_seed, resize
 
 
@@ -125,7 +125,6 @@ def test_one_candidate_gives_the_papers_one_image_per_prototype(pipe):
 
 
 def test_best_of_three_keeps_the_candidate_of_highest_fidelity(pipe, dataset, tmp_path, monkeypatch):
-    import hf_pds.synthesis as synthesis
     from hf_pds.synthesis import candidate_seed, synthesize
 
     out = pipe(dataset, budget=3, candidates=3, output_dir=tmp_path / "whole", num_inference_steps=2, output_size=40)
@@ -156,15 +155,7 @@ def test_best_of_three_keeps_the_candidate_of_highest_fidelity(pipe, dataset, tm
     # The same bytes on a rerun, and after a crash and a resume.
     again = pipe(dataset, budget=3, candidates=3, output_dir=tmp_path / "again", num_inference_steps=2, output_size=40)
     assert list(again.dataset["fidelity"]) == list(out.dataset["fidelity"])
-    real_encode, count = synthesis.encode_png, []
-
-    def crash_after_four(image):
-        if len(count) == 4:
-            raise RuntimeError("the machine went down")
-        count.append(1)
-        return real_encode(image)
-
-    monkeypatch.setattr(synthesis, "encode_png", crash_after_four)
+    crash_encoding_after(monkeypatch, 4)
     with pytest.raises(RuntimeError, match="went down"):
         pipe(dataset, budget=3, candidates=3, output_dir=tmp_path / "resumed", num_inference_steps=2, output_size=40)
     monkeypatch.undo()
