@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 
 import numpy as np
@@ -220,14 +221,9 @@ def test_same_seed_same_prototypes(backend):
     args = (data["image_embeds"], data["text_embeds"], data["caption_image"])
     first = extract_prototypes(*args, budget=12, seed=7, kmeans_backend=backend)
     second = extract_prototypes(*args, budget=12, seed=7, kmeans_backend=backend)
-    for name in (
-        "image_prototypes",
-        "text_prototypes",
-        "caption_index",
-        "image_cluster",
-        "text_cluster",
-        "support",
-    ):
+    arrays = [item.name for item in dataclasses.fields(first) if isinstance(getattr(first, item.name), np.ndarray)]
+    assert len(arrays) == 7
+    for name in arrays:
         np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
 
 
@@ -616,3 +612,18 @@ np.savez({str(tmp_path / "out.npz")!r}, **results)
     protos = Prototypes(**{name: out[f"1.0-{name}"] for name in names})
     for scale in EXTREME_SCALES:
         assert_same_prototypes_at_scale(Prototypes(**{name: out[f"{scale}-{name}"] for name in names}), protos, scale)
+
+
+def test_prototypes_save_and_load_every_field(tmp_path):
+    data = planted_concepts(n_concepts=5, seed=4)
+    protos = extract_prototypes(data["image_embeds"], data["text_embeds"], data["caption_image"], budget=5)
+    protos.save(tmp_path / "prototypes.npz")
+    loaded = Prototypes.load(tmp_path / "prototypes.npz")
+    for item in dataclasses.fields(Prototypes):
+        original, back = getattr(protos, item.name), getattr(loaded, item.name)
+        if isinstance(original, np.ndarray):
+            np.testing.assert_array_equal(original, back)
+            assert original.dtype == back.dtype, item.name
+        else:
+            assert original == back, item.name
+    assert loaded.settings["budget"] == 5 and loaded.n_pairs == protos.n_pairs > 0
