@@ -541,14 +541,17 @@ class PDSPipeline(DiffusionPipeline):
         inputs = self.check_inputs(**given)
         timings = {"check_inputs": time.perf_counter() - started}
         state = process_state()
-        arguments = {
-            **inputs.settings,
-            "dataset": getattr(dataset, "_fingerprint", None),
-            "image_column": image_column,
-            "caption_column": caption_column,
-            "skip_invalid_rows": inputs.skip_invalid_rows,
-            "models": self.weights_fingerprint(),
-        }
+        # What a resumed run must share with the interrupted one (only a run into output_dir can resume).
+        arguments = None
+        if inputs.output_dir is not None:
+            arguments = {
+                **inputs.settings,
+                "dataset": getattr(dataset, "_fingerprint", None),
+                "image_column": image_column,
+                "caption_column": caption_column,
+                "skip_invalid_rows": inputs.skip_invalid_rows,
+                "models": self.weights_fingerprint(),
+            }
         logger.info(
             "Distilling on %d process(es); k-means backend: %s.", state.num_processes, inputs.settings["kmeans_backend"]
         )

@@ -240,9 +240,10 @@ class RunState:
 
 @contextmanager
 def open_run(
-    output_dir: str | os.PathLike | None, arguments: dict, fresh: bool = False, state=SINGLE_PROCESS
+    output_dir: str | os.PathLike | None, arguments: dict | None, fresh: bool = False, state=SINGLE_PROCESS
 ) -> Iterator[RunState | None]:
-    """The opened :class:`RunState` of ``output_dir`` for the block (None without ``output_dir``), closed after it."""
+    """The opened :class:`RunState` of ``output_dir`` for the block (None without ``output_dir``), closed after it.
+    ``arguments`` are what a resumed run must share with the interrupted one (None without ``output_dir``)."""
     if output_dir is None:
         yield None
         return
