@@ -318,8 +318,8 @@ def _to_8_bit(values: np.ndarray, mode: str) -> np.ndarray:
         top = 65535.0
     elif mode == "F" and peak <= 1.0:
         top = 1.0
-    else:
-        top = next(bound for bound in (255.0, 65535.0, 2.0**31 - 1) if peak <= bound or bound == 2.0**31 - 1)
+    else:  # the bit depth the values fit in
+        top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else 2.0**31 - 1
     return np.floor(np.minimum(values, top) * (255.0 / top)).astype(np.uint8)
 
 
