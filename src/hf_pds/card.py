@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import re
 import textwrap
 from importlib import resources
@@ -26,6 +28,42 @@ LOWEST_FIDELITY_ROWS = 5
 TAGS = ["dataset-distillation", "synthetic", "pds", "image-text"]
 # A Hub license field takes an identifier such as "cc-by-4.0"; free text goes to the card body instead.
 _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
+# Characters that start inline Markdown (emphasis, code, links and images, table cells, strikethrough, escapes);
+# underscores between two letters or digits start nothing (snake_case), so they are left as they are.
+_MARKDOWN_PUNCTUATION = re.compile(r"(?<=[^\W_])_+(?=[^\W_])|([\\`*_\[\]|~])")
+
+
+def escape_markdown(value) -> str:
+    """``value`` as one line of plain text in the card: what a caption, a name or a note may hold never becomes
+    Markdown or HTML on the Hub page.
+
+    Every run of whitespace becomes one space, so no line break can start a heading, a list or a code fence;
+    Markdown's inline punctuation is escaped with a backslash, so no link, image, emphasis or code span starts;
+    and ``<`` becomes ``&lt;``, so no HTML tag (``<img>``, ``<script>``) starts. A plain caption reads as it is.
+    """
+    text = " ".join(str(value).split())
+    escaped = _MARKDOWN_PUNCTUATION.sub(lambda match: match[0] if match[1] is None else "\\" + match[1], text)
+    return escaped.replace("<", "&lt;")
+
+
+def markdown_code(value) -> str:
+    """``value`` as one inline code span of a table cell, whatever it holds (Markdown and HTML are inert in a code
+    span): on one line, fenced by more backticks than any run of them inside, with ``|`` escaped so that it does
+    not end the cell (GitHub-flavoured tables read ``\\|`` as ``|``, in a code span too)."""
+    text = " ".join(str(value).split()).replace("|", "\\|")
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""  # a fence next to a backtick would merge
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def public_name(name: str) -> str:
+    """What the card may publish of a dataset or model name: a Hub id as it is, and of a local path only its
+    last part (a path such as ``/home/<user>/data/flickr`` tells where the user keeps files, and a push publishes
+    the card)."""
+    if not name or (_is_hub_id(name) and not os.path.exists(name)):
+        return name
+    parts = re.split(r"[/\\]", os.path.abspath(os.path.expanduser(name)).rstrip("/\\"))
+    return parts[-1] or name
 
 
 def card_license(source_license: str | None) -> tuple[str, str | None]:
@@ -116,10 +154,15 @@ def _spread(values: np.ndarray) -> dict:
 
 
 def render_card(dataset, prototypes, settings: dict, provenance: dict, repo_id: str | None = None) -> str:
-    """The README.md of a distilled set, from ``model_card_templates/distilled_dataset_card.md``."""
+    """The README.md of a distilled set, from ``model_card_templates/distilled_dataset_card.md``.
+
+    What comes from the user or the source data (captions, names, notes, settings) enters the card through
+    :func:`escape_markdown` or :func:`markdown_code`, and a local folder or model path only by its last part
+    (:func:`public_name`).
+    """
     from huggingface_hub import DatasetCard, DatasetCardData
 
-    source = provenance.get("source_dataset")
+    source = public_name(provenance["source_dataset"]) if provenance.get("source_dataset") else None
     fidelity, text_alignment = _scores(dataset)
     license_id, license_note = card_license(provenance.get("source_license"))
     pretty_name = f"{source.split('/')[-1] if source else 'Distilled'} PDS {len(dataset)} pairs"
@@ -135,26 +178,33 @@ def render_card(dataset, prototypes, settings: dict, provenance: dict, repo_id: 
     notes = [*provenance.get("notes", []), *([license_note] if license_note else [])]
     first_image = dataset[0]["image"]
     template = resources.files(TEMPLATES).joinpath(TEMPLATE).read_text(encoding="utf-8")
+
+    def told(key: str, default: str | None = None) -> str | None:
+        """A provenance entry as a code span (None stays None: the template leaves it out)."""
+        value = provenance.get(key) or default
+        return None if value is None else markdown_code(value)
+
     card = DatasetCard.from_template(
         card_data,
         template_str=template,
-        pretty_name=pretty_name,
+        pretty_name=escape_markdown(pretty_name),
         n_rows=len(dataset),
         n_preview=min(16, len(dataset)),
-        source_text=f"[`{source}`](https://huggingface.co/datasets/{source})" if _is_hub_id(source) else f"`{source}`",
-        source_config=provenance.get("source_config"),
-        source_split=provenance.get("source_split"),
-        source_fingerprint=provenance.get("source_fingerprint", "unknown"),
+        source_text=_source_text(source, provenance),
+        source_config=told("source_config"),
+        source_split=told("source_split"),
+        source_fingerprint=told("source_fingerprint", "unknown"),
         source_images=settings.get("source_images"),
         source_captions=settings.get("source_captions"),
         skipped_rows=settings.get("skipped_rows", 0),
-        unclip_checkpoint=provenance.get("unclip_checkpoint", "unknown"),
-        unclip_revision=provenance.get("unclip_revision"),
-        clip_model=provenance.get("clip_model", "unknown"),
-        clip_revision=provenance.get("clip_revision"),
-        hf_pds_version=provenance.get("hf_pds_version", "unknown"),
-        notes=notes,
+        unclip_checkpoint=markdown_code(public_name(provenance.get("unclip_checkpoint") or "unknown")),
+        unclip_revision=told("unclip_revision"),
+        clip_model=markdown_code(public_name(provenance.get("clip_model") or "unknown")),
+        clip_revision=told("clip_revision"),
+        hf_pds_version=escape_markdown(provenance.get("hf_pds_version") or "unknown"),
+        notes=[escape_markdown(note) for note in notes],
         settings=settings,
+        shown_settings={key: markdown_code(value) for key, value in settings.items()},
         image_size=f"{first_image.width}x{first_image.height}",
         text_dim=prototypes.text_prototypes.shape[1],
         image_dim=prototypes.image_prototypes.shape[1],
@@ -163,15 +213,29 @@ def render_card(dataset, prototypes, settings: dict, provenance: dict, repo_id: 
         fidelity=_spread(fidelity),
         text_alignment=_spread(text_alignment),
         lowest_fidelity=[
-            {"row": int(row), "fidelity": round(float(fidelity[row]), 3), "caption": dataset[int(row)]["caption"]}
+            {
+                "row": int(row),
+                "fidelity": round(float(fidelity[row]), 3),
+                "caption": escape_markdown(dataset[int(row)]["caption"]),
+            }
             for row in np.argsort(fidelity, kind="stable")[:LOWEST_FIDELITY_ROWS]
         ],
         covered_pairs=int(prototypes.support.sum()),
         kept_pairs=prototypes.n_pairs - prototypes.n_pruned,
         fallbacks=int((prototypes.support == 0).sum()),
-        repo_id=repo_id or "path/to/this/folder",
+        # A Python string literal: the snippet stays one valid line whatever the id holds.
+        repo_id=json.dumps(repo_id or "path/to/this/folder"),
     )
     return str(card).rstrip("\n") + "\n"
+
+
+def _source_text(source: str | None, provenance: dict) -> str:
+    """How the card names the source: a link for a Hub id, else its (escaped) name, else what it was."""
+    if source is None:
+        return escape_markdown(provenance.get("source_description") or "an unnamed dataset")
+    if _is_hub_id(source):
+        return f"[{markdown_code(source)}](https://huggingface.co/datasets/{source})"
+    return markdown_code(source)
 
 
 def _is_hub_id(name: str | None) -> bool:

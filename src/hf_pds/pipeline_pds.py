@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from datasets import IterableDataset
+from datasets import Dataset, IterableDataset
 from diffusers import AutoencoderKL, DiffusionPipeline, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
 from diffusers.schedulers import KarrasDiffusionSchedulers
@@ -708,6 +708,8 @@ class PDSPipeline(DiffusionPipeline):
         clip_config = self.clip_text_encoder.config
         return {
             "source_dataset": dataset.info.dataset_name or None,
+            # What the card says of a source that has no name.
+            "source_description": None if dataset.info.dataset_name else describe_unnamed(dataset),
             "source_config": dataset.info.config_name or None,
             "source_split": str(dataset.split) if dataset.split is not None else None,
             "source_fingerprint": getattr(dataset, "_fingerprint", None) or "unknown (streamed)",
@@ -718,6 +720,15 @@ class PDSPipeline(DiffusionPipeline):
             "clip_revision": getattr(clip_config, "_commit_hash", None) or snapshot_revision(clip_config.name_or_path),
             "hf_pds_version": hf_pds_version(),
         }
+
+
+def describe_unnamed(dataset) -> str:
+    """What a source dataset without a name is, in words: "an in-memory datasets.Dataset" for one built in
+    Python (``Dataset.from_dict``, ``from_list``...), else its type."""
+    kind = f"datasets.{type(dataset).__name__}"
+    if isinstance(dataset, Dataset) and not dataset.cache_files:
+        return f"an in-memory {kind}"
+    return f"an unnamed {kind}"
 
 
 def source_folders(dataset) -> list[Path]:
