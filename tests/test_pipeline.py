@@ -139,6 +139,33 @@ def test_bad_inputs_fail_before_any_model_runs(pipe, dataset, kwargs, error, mes
     assert calls == []
 
 
+def test_the_budget_counts_identical_images_once(pipe, dataset, tmp_path):
+    calls = []
+    hook = pipe.image_encoder.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        # Twice the same 10 images (their bytes): 20 rows, 10 distinct images.
+        twice = datasets.concatenate_datasets([dataset, dataset])
+        with pytest.raises(ValueError, match=r"budget=11 is larger than the 10 distinct images \(held by 20 rows"):
+            pipe(twice, budget=11, **FAST)
+        # Paths: rows 6, 7, 10 and 11 point at the files of rows 0, 1, 4 and 5; rows 8 and 9 at copies of 2 and 3.
+        files = []
+        for index in range(6):
+            files.append(tmp_path / f"{index}.png")
+            PIL.Image.new("RGB", (16, 16), (40 * index, 0, 0)).save(files[-1])
+        for index in (2, 3):
+            (tmp_path / f"copy-{index}.png").write_bytes(files[index].read_bytes())
+        paths = [*files, files[0], files[1], tmp_path / "copy-2.png", tmp_path / "copy-3.png", files[4], files[5]]
+        rows = datasets.Dataset.from_dict(
+            {"image": [str(path) for path in paths], "caption": [["a red square", "a square"]] * 12}
+        )
+        for budget in (7, 12, 13):
+            with pytest.raises(ValueError, match=f"budget={budget} is larger than the 6 distinct images \\(held by 12"):
+                pipe(rows, budget=budget, prune_ratio=0.0, **FAST)
+    finally:
+        hook.remove()
+    assert calls == []
+
+
 def test_rows_with_missing_captions_raise_or_are_skipped(pipe, dataset):
     columns = {name: list(dataset[name]) for name in dataset.column_names}
     columns["caption"][6] = None

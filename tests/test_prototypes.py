@@ -267,6 +267,41 @@ def test_budget_above_distinct_images_is_refused():
         extract_prototypes(rng.normal(size=(3, 8)), rng.normal(size=(30, 8)), np.repeat(np.arange(3), 10), budget=4)
 
 
+def test_identical_image_rows_count_as_one_image(backend):
+    # 12 image rows holding 6 images twice (a stream of a dataset with repeated images gives such embeddings).
+    data = planted_concepts(images_per_concept=(2, 1, 1, 1, 1), captions_per_image=2)
+    image_embeds = np.concatenate([data["image_embeds"], data["image_embeds"]])
+    caption_image = np.concatenate([data["caption_image"], data["caption_image"] + 6])
+    text_embeds = np.concatenate([data["text_embeds"], data["text_embeds"]])
+    arrays = {"image_embeds": image_embeds, "text_embeds": text_embeds, "caption_image": caption_image}
+    for budget in (7, 12):
+        with pytest.raises(
+            ValueError, match=rf"budget={budget} is larger than the 6 distinct images \(held by 12 rows"
+        ):
+            extract_prototypes(**arrays, budget=budget, prune_ratio=0.0, kmeans_backend=backend)
+    with pytest.raises(ValueError, match="budget=6 is larger than the 5 distinct images left after pruning"):
+        extract_prototypes(**arrays, budget=6, prune_ratio=0.2, kmeans_backend=backend)
+    protos = extract_prototypes(**arrays, budget=6, prune_ratio=0.0, kmeans_backend=backend)
+    assert len(np.unique(protos.image_prototypes, axis=0)) == 6
+
+
+@pytest.mark.parametrize(
+    ("array", "scale", "rows", "message"),
+    [
+        ("image_embeds", 1e39, [3], "image_embeds row 3 has values of magnitude up to .*, beyond float32's largest"),
+        ("text_embeds", 1e39, [0, 7], "text_embeds row 0 .* beyond float32's largest value .*; 2 row\\(s\\) do so"),
+        ("image_embeds", 1e-200, slice(None), "image_embeds row 0 has values of magnitude up to .*e-199, all below"),
+        ("text_embeds", 1e-200, [5], "text_embeds row 5 .* below float32's smallest normal value"),
+    ],
+)
+def test_float64_embeddings_beyond_float32_are_refused(backend, array, scale, rows, message):
+    data = planted_concepts()
+    arrays = {name: data[name].astype(np.float64) for name in ("image_embeds", "text_embeds")}
+    arrays[array][rows] *= scale
+    with pytest.raises(ValueError, match=message):
+        extract_prototypes(**arrays, caption_image=data["caption_image"], budget=5, kmeans_backend=backend)
+
+
 def test_budget_above_images_left_after_pruning_is_refused():
     # 4 images; the two captions of image 3 are its only pairs and both have the lowest cosine.
     image_embeds = np.eye(4, 8, dtype=np.float32)

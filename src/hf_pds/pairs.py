@@ -8,6 +8,7 @@ both read their data through it, so they see the same pairs and the same pixels.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -33,12 +34,15 @@ class PairTable:
         captions: ``[n_captions]`` every caption of those rows, flattened in row order.
         caption_image: ``[n_captions]`` position in ``rows`` of each caption's image.
         skipped_rows: dataset rows left out as unusable (``skip_invalid_rows``).
+        distinct_images: how many different images ``rows`` hold: rows whose image bytes are identical (the same
+            file, or two copies of it) count once, since k-means cannot tell them apart.
     """
 
     rows: np.ndarray
     captions: list[str]
     caption_image: np.ndarray
     skipped_rows: list[int]
+    distinct_images: int
 
 
 def caption_problem(value) -> str | None:
@@ -136,10 +140,16 @@ def read_pairs(
             problems[row] = f"column {caption_column!r} {problem}"
     cells = undecoded_cells(dataset, image_column)
     bar = tqdm(cells, total=len(dataset), desc="Checking images", unit="img", disable=not (progress and check_images))
+    images: dict[int, bytes | str | int] = {}  # row -> what tells its image apart from the others
     for row, cell in enumerate(bar):
-        problem = image_problem(cell) if check_images else ("has no image" if _is_empty(cell) else None)
+        if check_images:
+            data, problem = _checked_image(cell)
+        else:
+            data, problem = None, "has no image" if _is_empty(cell) else None
         if problem is not None:
             problems.setdefault(row, f"column {image_column!r} {problem}")
+        else:
+            images[row] = _image_identity(cell, data, row)
     report_problems(problems, len(dataset), skip_invalid_rows)
 
     rows, captions, caption_image = [], [], []
@@ -157,6 +167,7 @@ def read_pairs(
         captions=captions,
         caption_image=np.asarray(caption_image, dtype=np.int64),
         skipped_rows=sorted(problems),
+        distinct_images=len({images[row] for row in rows}),
     )
 
 
@@ -208,35 +219,51 @@ def image_problem(cell) -> str | None:
     is the image decoded. Remote files (``hf://``, ``https://`` paths of a stream) are not checked here: they are
     checked as they are read.
     """
+    return _checked_image(cell)[1]
+
+
+def _checked_image(cell) -> tuple[bytes | None, str | None]:
+    """``(the encoded bytes read, why the cell cannot be decoded or None)``: :func:`image_problem`, keeping the
+    bytes for :func:`_image_identity` (None when nothing was read: a decoded image, or a remote file)."""
     if isinstance(cell, PIL.Image.Image):
-        return None
+        return None, None
     if _is_empty(cell):
-        return "has no image"
+        return None, "has no image"
     data, path = _cell_source(cell)
     if data is None:
         if path is None:
-            return f"holds a {type(cell).__name__}, expected an image, a path or encoded bytes"
+            return None, f"holds a {type(cell).__name__}, expected an image, a path or encoded bytes"
         if "://" in path:
-            return None
+            return None, None
         if not os.path.isfile(path):
-            return f"points to {path}, which does not exist"
+            return None, f"points to {path}, which does not exist"
         try:
             with open(path, "rb") as file:
                 data = file.read()
         except OSError as error:
-            return f"points to {path}, which cannot be read ({error.strerror or error})"
+            return None, f"points to {path}, which cannot be read ({error.strerror or error})"
     where = f" ({path})" if path else ""
     try:
         with PIL.Image.open(io.BytesIO(data)) as image:
             image_format = image.format
             image.verify()
         if image_format == "PNG" or (image_format == "JPEG" and data.rstrip(b"\0").endswith(b"\xff\xd9")):
-            return None
+            return data, None
         with PIL.Image.open(io.BytesIO(data)) as image:
             image.load()
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
-        return _decoding_problem(error, where)
-    return None
+        return data, _decoding_problem(error, where)
+    return data, None
+
+
+def _image_identity(cell, data: bytes | None, row: int) -> bytes | str | int:
+    """What tells an image apart from the others: the digest of its encoded bytes (``data``, as the image check read
+    them, or the cell's own), else its path (a remote file is read only when it is embedded), else its row."""
+    if data is None:
+        data, path = _cell_source(cell)
+        if data is None:
+            return path if path is not None else row
+    return hashlib.sha256(data).digest()
 
 
 def _decoding_problem(error: Exception, where: str = "") -> str:

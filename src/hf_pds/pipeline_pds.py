@@ -405,7 +405,8 @@ class PDSPipeline(DiffusionPipeline):
             budget,
             None if pairs is None else len(pairs.captions),
             prune_ratio,
-            n_images=None if pairs is None else len(pairs.rows),
+            n_images=None if pairs is None else pairs.distinct_images,
+            n_rows=None if pairs is None else len(pairs.rows),
         )
         settings = {
             "budget": budget,

@@ -7,6 +7,7 @@ caption): an image with five captions makes five pairs, each carrying the image'
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -38,6 +39,8 @@ TORCH_ACCUMULATE_ELEMENTS = 2**20
 SAFE_RANGE = (2.0**-20, 2.0**20)
 # faiss's relative perturbation of the two halves of a split cluster (faiss/Clustering.cpp, split_clusters).
 SPLIT_EPS = 1 / 1024
+# The precision every backend clusters in.
+FLOAT32 = np.finfo(np.float32)
 
 
 @dataclass
@@ -94,9 +97,16 @@ def pairs_after_pruning(n_pairs: int, prune_ratio: float) -> int:
     return n_pairs - int(n_pairs * prune_ratio)
 
 
-def check_budget(budget: int, n_pairs: int | None = None, prune_ratio: float = 0.0, n_images: int | None = None) -> int:
+def check_budget(
+    budget: int,
+    n_pairs: int | None = None,
+    prune_ratio: float = 0.0,
+    n_images: int | None = None,
+    n_rows: int | None = None,
+) -> int:
     """``budget`` as an int; ``ValueError`` unless ``budget`` prototypes can be drawn from ``n_pairs`` pairs of
-    ``n_images`` images after pruning ``prune_ratio`` of them.
+    ``n_images`` distinct images (held by ``n_rows`` rows, when the message should say so) after pruning
+    ``prune_ratio`` of them.
 
     With ``n_pairs=None`` (a stream not read yet) only the budget and the ratio themselves are checked. Numpy
     integers count as integers; booleans do not.
@@ -115,9 +125,10 @@ def check_budget(budget: int, n_pairs: int | None = None, prune_ratio: float = 0
                 "lower the budget or the prune_ratio."
             )
     if n_images is not None and budget > n_images:
+        held = f" (held by {n_rows} rows: identical images count once)" if n_rows not in (None, n_images) else ""
         raise ValueError(
-            f"budget={budget} is larger than the {n_images} distinct images; "
-            "k-means cannot make more image clusters than there are images."
+            f"budget={budget} is larger than the {n_images} distinct images{held}; "
+            "k-means cannot make more image clusters than there are distinct images."
         )
     return int(budget)
 
@@ -144,8 +155,8 @@ def _check_embeddings(name: str, embeds: np.ndarray) -> np.ndarray:
     embeds = np.asarray(embeds)
     if embeds.ndim != 2:
         raise ValueError(f"{name} must be a 2-d array [rows, dim], got shape {embeds.shape}.")
-    if embeds.shape[0] == 0:
-        raise ValueError(f"{name} is empty.")
+    if embeds.shape[0] == 0 or embeds.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {embeds.shape}).")
     if not np.issubdtype(embeds.dtype, np.number):
         raise ValueError(f"{name} must be numeric, got dtype {embeds.dtype}.")
     # In chunks: a memory-mapped matrix is read, not materialised.
@@ -155,7 +166,47 @@ def _check_embeddings(name: str, embeds: np.ndarray) -> np.ndarray:
     if not finite.all():
         rows = np.flatnonzero(~finite)
         raise ValueError(f"{name} has NaN or inf values in {len(rows)} row(s), first rows: {rows[:5].tolist()}.")
+    if np.issubdtype(embeds.dtype, np.floating) and np.finfo(embeds.dtype).max > FLOAT32.max:
+        _check_float32_range(name, embeds)
     return embeds.astype(np.float32, copy=False)
+
+
+def _check_float32_range(name: str, embeds: np.ndarray) -> None:
+    """Raise unless every row of a float64 matrix keeps its values in float32, in which it is clustered: beyond
+    float32's largest value a row becomes inf, and a row whose values all lie below its smallest normal value
+    becomes zero (or keeps a few bits), which puts every such row in one cluster."""
+    largest = np.concatenate(
+        [
+            np.maximum(np.abs(block.max(axis=1)), np.abs(block.min(axis=1)))
+            for block in (embeds[start : start + CHUNK] for start in range(0, len(embeds), CHUNK))
+        ]
+    )
+    for rows, what in (
+        (np.flatnonzero(largest > FLOAT32.max), f"beyond float32's largest value ({FLOAT32.max:.3g})"),
+        (
+            np.flatnonzero((largest > 0) & (largest < FLOAT32.tiny)),
+            f"all below float32's smallest normal value ({FLOAT32.tiny:.3g}), where they vanish",
+        ),
+    ):
+        if len(rows):
+            raise ValueError(
+                f"{name} row {rows[0]} has values of magnitude up to {largest[rows[0]]:.3g}, {what}; "
+                f"{len(rows)} row(s) do so (first rows: {rows[:5].tolist()}). Embeddings are clustered in float32: "
+                "scale them all by one factor (k-means gives the same clusters)."
+            )
+
+
+def _identical_rows(embeds: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """For each of ``rows``, a number shared by exactly the rows of ``embeds`` that hold the same values (0, 1, ...
+    in order of first appearance). Identical images have identical embeddings, and k-means cannot make two
+    clusters of one point: the budget is checked against the distinct rows."""
+    seen: dict[bytes, int] = {}
+    identity = np.empty(len(rows), dtype=np.int64)
+    for start in range(0, len(rows), CHUNK):  # in blocks: a memory-mapped matrix is read, not materialised
+        block = np.ascontiguousarray(embeds[rows[start : start + CHUNK]])
+        for offset, values in enumerate(block):
+            identity[start + offset] = seen.setdefault(hashlib.sha256(values).digest(), len(seen))
+    return identity
 
 
 def _l2_normalize(embeds: np.ndarray) -> np.ndarray:
@@ -665,6 +716,11 @@ def extract_prototypes(
     The unit is the pair: an image with five kept captions weighs as much as five pairs, as in the
     reference (which repeats its row five times; the faiss and torch backends weight it instead). The embedding
     matrices may be memory-mapped: they are read in blocks, and only the kept rows are copied.
+
+    Raises:
+        ValueError: an input is unusable, and the message names it: NaN or inf values, float64 values that float32
+            (in which every backend clusters) cannot hold, or a budget above the pairs or the distinct images
+            (identical rows of ``image_embeds`` count once) left after pruning.
     """
     # 1. Check inputs.
     prune_ratio = check_prune_ratio(prune_ratio)
@@ -693,7 +749,9 @@ def extract_prototypes(
             "Use one CLIP model for both, or prune_ratio=0 for encoders of different spaces."
         )
     n_pairs = len(text_embeds)
-    budget = check_budget(budget, n_pairs, prune_ratio, n_images=len(np.unique(caption_image)))
+    used_images = np.unique(caption_image)
+    image_identity = _identical_rows(image_embeds, used_images)
+    budget = check_budget(budget, n_pairs, prune_ratio, n_images=int(image_identity.max()) + 1, n_rows=len(used_images))
     seed = check_seed(seed)
     if not isinstance(normalize, (bool, np.bool_)):
         raise ValueError(f"normalize must be True or False, got {normalize!r}.")
@@ -708,10 +766,11 @@ def extract_prototypes(
         kept = np.arange(n_pairs)
     kept_images = caption_image[kept]
     distinct_images, image_of_pair, pairs_per_image = np.unique(kept_images, return_inverse=True, return_counts=True)
-    if budget > len(distinct_images):
+    n_kept = len(np.unique(image_identity[np.searchsorted(used_images, distinct_images)]))
+    if budget > n_kept:
         raise ValueError(
-            f"budget={budget} is larger than the {len(distinct_images)} distinct images left after pruning; "
-            "k-means cannot make more image clusters than there are images: lower the budget or the prune_ratio."
+            f"budget={budget} is larger than the {n_kept} distinct images left after pruning; k-means cannot make "
+            "more image clusters than there are distinct images: lower the budget or the prune_ratio."
         )
 
     # 3. Cluster each modality over the kept pairs.
