@@ -116,3 +116,11 @@ def crash_encoding_after(monkeypatch, count: int | None) -> list:
 
     monkeypatch.setattr(hf_pds.synthesis, "encode_png", encode)
     return made
+
+
+def error_line(capsys) -> str:
+    """The one line a failed command printed on stderr (and no traceback)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("hf-pds ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

@@ -1,7 +1,7 @@
 import datasets
 import pytest
 
-from helpers import mixed_dataset
+from helpers import error_line, mixed_dataset
 from hf_pds.cli import main
 
 
@@ -75,14 +75,6 @@ def test_bad_input_is_reported_and_nothing_is_written(tmp_path, capsys):
     assert code == 2
     assert "budget=50 is larger than" in capsys.readouterr().err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["pipe", "source"]
-
-
-def error_line(capsys) -> str:
-    """The one line a failed command printed on stderr (and no traceback)."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("hf-pds ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -86,14 +86,15 @@ def check_columns(dataset, image_column: str, caption_column: str) -> None:
                 f"{role}={column!r} is not a column of the dataset; its columns are {dataset.column_names}."
             )
     feature = (dataset.features or {}).get(image_column)
-    if feature is not None and not _holds_images(feature):
+    if feature is not None and not holds_images(feature):
         raise ValueError(
-            f"image_column={image_column!r} holds {_describe(feature)}; expected images (datasets.Image), "
+            f"image_column={image_column!r} holds {describe_feature(feature)}; expected images (datasets.Image), "
             "image file paths (strings) or encoded image bytes."
         )
 
 
-def _holds_images(feature) -> bool:
+def holds_images(feature) -> bool:
+    """Whether a column of this ``datasets`` feature can hold images: ``datasets.Image``, paths or encoded bytes."""
     import datasets
 
     if isinstance(feature, datasets.Image):
@@ -101,10 +102,15 @@ def _holds_images(feature) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "binary", "large_binary")
 
 
-def _describe(feature) -> str:
+def describe_feature(feature) -> str:
+    """A ``datasets`` feature in words, for a message: "float64 values", "lists of string values", "Image"..."""
     import datasets
 
-    return f"{feature.dtype} values" if isinstance(feature, datasets.Value) else type(feature).__name__
+    if isinstance(feature, datasets.Value):
+        return f"{feature.dtype} values"
+    if isinstance(feature, (datasets.List, datasets.LargeList, datasets.Sequence)):
+        return f"lists of {describe_feature(feature.feature)}"
+    return type(feature).__name__
 
 
 def read_pairs(

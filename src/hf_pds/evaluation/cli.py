@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import run_command
 from ..hub import check_output_folder, load_source_dataset, staged_folder, with_output_mark
-from ..pairs import undecoded_cells
+from ..pairs import caption_problem, describe_feature, holds_images, image_problem, undecoded_cells
 from .coreset import METHODS
 from .student import HEADS
 
@@ -121,31 +121,79 @@ def _check_args(args: argparse.Namespace) -> None:
     check_output_folder(args.output, args.overwrite, [Path(path) for path in read if path and Path(path).exists()])
 
 
-def _distilled_pairs(args, name: str, image_encoder, text_encoder, text_dim: int):
-    """(images, image features, text features) of a distilled set's rows."""
-    from .encoders import encode_cached
+def _is_vector(feature) -> bool:
+    """Whether a ``datasets`` feature holds one vector of numbers per row (``text_embedding``)."""
+    import datasets
 
+    inner = getattr(feature, "feature", None)
+    return (
+        isinstance(feature, (datasets.List, datasets.LargeList, datasets.Sequence))
+        and isinstance(inner, datasets.Value)
+        and inner.dtype.startswith(("float", "int", "uint"))
+    )
+
+
+def _is_text(feature) -> bool:
+    import datasets
+
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+# The columns a student reads from a distilled set: what each must hold, and how to tell.
+DISTILLED_COLUMNS = {
+    "image": ("images", holds_images),
+    "caption": ("strings", _is_text),
+    "text_embedding": ("one vector of numbers per row", _is_vector),
+}
+
+
+def _load_distilled(name: str, distilled_text: str) -> tuple[list, np.ndarray | list[str]]:
+    """``(image cells, text side)`` of a distilled set's train split, checked before anything is encoded: the
+    columns the student reads are there and hold what it expects, every image can be decoded, and the text
+    embeddings share one width. The text side is the ``text_embedding`` matrix, or the captions."""
     dataset = load_source_dataset(name, "train")
-    for column in ("image", "caption", "text_embedding"):
-        if column not in dataset.column_names and not (column == "text_embedding" and args.distilled_text == "caption"):
-            raise ValueError(f"{name} is not a distilled set: it has no column {column!r} ({dataset.column_names}).")
+    text_column = "text_embedding" if distilled_text == "embedding" else "caption"
+    needed = {column: DISTILLED_COLUMNS[column] for column in ("image", text_column)}
+    missing = [column for column in needed if column not in dataset.column_names]
+    if missing:
+        wanted = " and ".join(f"{column!r} ({needed[column][0]})" for column in missing)
+        hint = ""
+        if "text_embedding" in missing and "caption" in dataset.column_names:
+            hint = " (--distilled-text caption trains on its captions instead)"
+        raise ValueError(
+            f"{name} is not a distilled set the students can train on: it has no column {wanted}; its columns are "
+            f"{dataset.column_names}{hint}."
+        )
+    for column, (what, fits) in needed.items():
+        feature = dataset.features[column]
+        if not fits(feature):
+            raise ValueError(f"{name}: column {column!r} holds {describe_feature(feature)}; expected {what}.")
     images = list(undecoded_cells(dataset, "image"))
-    image_features = encode_cached(image_encoder, images, args.cache_dir)
-    if args.distilled_text == "embedding":
-        texts = np.asarray(dataset["text_embedding"], dtype=np.float32)
-        if texts.shape[1] != text_dim:
+    for row, cell in enumerate(images):
+        problem = image_problem(cell)
+        if problem is not None:
+            raise ValueError(f"{name}: row {row}: column 'image' {problem}.")
+    if distilled_text == "caption":
+        captions = list(dataset["caption"])
+        for row, caption in enumerate(captions):
+            problem = caption_problem(caption)
+            if problem is not None:
+                raise ValueError(f"{name}: row {row}: column 'caption' {problem}.")
+        return images, captions
+    vectors = dataset["text_embedding"]
+    for row, vector in enumerate(vectors):
+        if vector is None:
+            raise ValueError(f"{name}: row {row}: column 'text_embedding' is empty; expected a vector.")
+        if len(vector) != len(vectors[0]):
             raise ValueError(
-                f"the text embeddings of {name} are {texts.shape[1]}-d but --text-encoder {args.text_encoder} gives "
-                f"{text_dim}-d: evaluate with the CLIP text encoder that distilled the set (--text-encoder "
-                "clip:<model>) or with --distilled-text caption."
+                f"{name}: row {row}: column 'text_embedding' holds {len(vector)} numbers and row 0 holds "
+                f"{len(vectors[0])}; expected vectors of one width."
             )
-    else:
-        texts = encode_cached(text_encoder, list(dataset["caption"]), args.cache_dir)
-    return images, image_features, texts
+    return images, np.asarray(vectors, dtype=np.float32)
 
 
 def _evaluate(args: argparse.Namespace) -> tuple[list[dict], dict]:
-    from .encoders import load_image_encoder, load_text_encoder
+    from .encoders import encode_cached, load_image_encoder, load_text_encoder
     from .runner import encode_split, method_selection, retrieval_split, run_grid, train_on_pairs
     from .student import RetrievalSplit, StudentConfig, train_student
 
@@ -160,8 +208,17 @@ def _evaluate(args: argparse.Namespace) -> tuple[list[dict], dict]:
         device=args.device,
     )
     seeds = list(range(args.seed, args.seed + args.runs))
+    # Every distilled set is read and checked before anything is loaded or encoded.
+    distilled = {name: _load_distilled(name, args.distilled_text) for name in args.distilled}
     image_encoder = load_image_encoder(args.image_encoder, device=args.device)
     text_encoder = load_text_encoder(args.text_encoder, device=args.device)
+    for name, (_, texts) in distilled.items():
+        if args.distilled_text == "embedding" and texts.shape[1] != text_encoder.dim:
+            raise ValueError(
+                f"the text embeddings of {name} are {texts.shape[1]}-d but --text-encoder {args.text_encoder} gives "
+                f"{text_encoder.dim}-d: evaluate with the CLIP text encoder that distilled the set (--text-encoder "
+                "clip:<model>) or with --distilled-text caption."
+            )
 
     def encoded(split: str):
         dataset = load_source_dataset(args.eval_dataset, split)
@@ -180,13 +237,14 @@ def _evaluate(args: argparse.Namespace) -> tuple[list[dict], dict]:
             image_encoder.preprocess(list(validation_data[args.image_column])), validation.texts, validation.text_image
         )
         test = RetrievalSplit(image_encoder.preprocess(list(test_data[args.image_column])), test.texts, test.text_image)
-    text_dim = validation.texts.shape[1]
-    shared = image_encoder.dim == text_dim
+    shared = image_encoder.dim == text_encoder.dim
     prune_ratio = args.prune_ratio if args.prune_ratio is not None else (0.2 if shared else 0.0)
 
     records: list[dict] = []
-    for name in args.distilled:
-        images, image_features, texts = _distilled_pairs(args, name, image_encoder, text_encoder, text_dim)
+    for name, (images, texts) in distilled.items():
+        image_features = encode_cached(image_encoder, images, args.cache_dir)
+        if args.distilled_text == "caption":
+            texts = encode_cached(text_encoder, texts, args.cache_dir)
         label = Path(name).name or name
         if backbone is None:
             records += train_on_pairs(label, image_features, texts, validation, test, config, seeds)
