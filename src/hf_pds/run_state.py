@@ -192,7 +192,7 @@ class RunState:
             )
             raise ValueError(
                 f"{self.folder} holds an interrupted run into {self.output_dir} with other arguments ({details}). "
-                "Run again with the same arguments to resume it, or pass fresh=True (CLI: --fresh) to discard it."
+                "Run again with the same arguments to resume it, or pass fresh=True to discard it."
             )
         # Not resumable (a run that died before its prototypes existed), or discarded: start clean.
         for path in self.folder.iterdir():
