@@ -1,4 +1,6 @@
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -6,7 +8,7 @@ import textwrap
 import datasets
 import pytest
 
-from helpers import mixed_dataset
+from helpers import cli, distill_arguments, mixed_dataset
 from hf_pds.cli import main
 
 
@@ -220,6 +222,19 @@ def test_a_library_log_line_is_printed_once(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("Retrying in 1s [Retry 1/5].") == 1, result.stderr
     assert "The Hub cannot be reached" in result.stderr
+
+
+def test_a_run_prints_no_torchvision_notice(saved_inputs, tmp_path):
+    # Real unCLIP checkpoints name CLIPImageProcessor, which transformers resolves to CLIPImageProcessorPil without
+    # torchvision, with a notice (a log record, which the warnings filter of pytest's configuration does not see).
+    pipe = shutil.copytree(saved_inputs / "pipe", tmp_path / "pipe")
+    index = json.loads((pipe / "model_index.json").read_text())
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    run = cli(*distill_arguments(saved_inputs, tmp_path / "out", "--pipeline", str(pipe), "--budget", "2"))
+    output = run.communicate(timeout=600)[0]
+    assert run.returncode == 0, output
+    assert "torchvision" not in output and "CLIPImageProcessorPil" not in output
 
 
 def test_distill_help_imports_neither_torch_nor_diffusers():
