@@ -8,7 +8,7 @@ import textwrap
 import datasets
 import pytest
 
-from helpers import cli, distill_arguments, mixed_dataset
+from helpers import cli, crash_encoding_after, distill_arguments, mixed_dataset
 from hf_pds.cli import main
 
 
@@ -255,3 +255,40 @@ def test_distill_help_imports_neither_torch_nor_diffusers():
     help_text = " ".join(result.stdout.split())
     assert "--guidance-scale GUIDANCE_SCALE guidance scale (default: 5.0)" in help_text
     assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_ctrl_c_before_the_prototypes_exist_says_nothing_was_kept(saved_inputs, tmp_path, capsys, monkeypatch):
+    import hf_pds.pipeline_pds
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf_pds.pipeline_pds, "embed", interrupted)
+    assert main(distill_arguments(saved_inputs, tmp_path / "out", "--budget", "3")) == 130
+    assert capsys.readouterr().err.endswith(
+        "hf-pds distill: interrupted; nothing was kept (the prototypes did not exist yet): running it again starts "
+        "over.\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_synthesis_says_what_was_kept_and_the_rerun_counts_it(
+    saved_inputs, tmp_path, capsys, monkeypatch
+):
+    arguments = distill_arguments(saved_inputs, tmp_path / "out", "--budget", "4", "--num-inference-steps", "2")
+    crash_encoding_after(monkeypatch, 1, KeyboardInterrupt())
+    assert main(arguments) == 130
+    work = (tmp_path / ".out.pds-run").resolve()
+    assert capsys.readouterr().err.endswith(
+        f"hf-pds distill: interrupted; the prototypes and 1 finished image are kept in {work}: running it again with "
+        "the same arguments resumes it.\n"
+    )
+    monkeypatch.undo()
+    assert main([*arguments, "--budget", "3"]) == 2
+    line = error_line(capsys)
+    assert line.endswith("Run again with the same arguments to resume it, or pass --fresh to discard it.")
+    made = crash_encoding_after(monkeypatch, None)
+    assert main(arguments) == 0
+    assert len(made) == 3
+    printed = capsys.readouterr().err
+    assert "Generated 3 images in " in printed and " s (and kept 1 from the interrupted run)." in printed

@@ -51,14 +51,15 @@ def run_command(command: str, function: Callable, *args, options: Mapping[str, s
     """``function(*args)`` as the command ``hf-pds COMMAND`` runs it; returns the exit code (0, 2 for a user's
     error, 130 when interrupted).
 
-    A user's error is told with the command's ``options`` (see :func:`command_line_message`)."""
+    A user's error is told with the command's ``options`` (see :func:`command_line_message`). An interruption says
+    what was kept when the interrupted work says so (a distillation's :class:`~hf_pds.run_state.RunInterrupted`)."""
     try:
         function(*args)
     except USER_ERRORS as error:
         message = command_line_message(" ".join(str(error).split()), options or {})
         print(f"hf-pds {command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"hf-pds {command}: interrupted; the same command resumes a distillation.", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"hf-pds {command}: interrupted; {str(interrupt) or 'no output was written.'}", file=sys.stderr)
         return 130
     return 0

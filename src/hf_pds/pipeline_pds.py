@@ -516,7 +516,8 @@ class PDSPipeline(DiffusionPipeline):
             output_dir (`str`, *optional*): also save the distilled set there, as a Hub-layout folder, and make the
                 run resumable: images are kept as they are made in a work folder beside it, and the same call after
                 an interruption (even SIGKILL) makes only the missing ones. The folder appears when complete. A
-                second run into the same folder while this one is alive is refused.
+                second run into the same folder while this one is alive is refused. Ctrl-C raises
+                `hf_pds.run_state.RunInterrupted` (a `KeyboardInterrupt`), whose message says what was kept.
             overwrite (`bool`, defaults to `False`): replace an existing `output_dir`, which must be empty or an
                 hf-pds output (never the current folder, one of its parents, or a folder the run reads).
             fresh (`bool`, defaults to `False`): discard an interrupted run into `output_dir` instead of resuming it
@@ -673,9 +674,19 @@ class PDSPipeline(DiffusionPipeline):
                 progress=progress,
             )
         images = best_candidates(gather_dicts(made, state), count, candidates)
+        # Made now: what every process saved to the run's store (without a store, everything); the rest was kept.
+        made_now = count * candidates
+        if run is not None:
+            made_now = sum(gather_dicts({state.process_index: run.images.saved}, state).values())
+        kept = count * candidates - made_now
         self.maybe_free_model_hooks()
         timings["synthesis"] = time.perf_counter() - started
-        logger.info("Generated %d images in %.1f s.", count * candidates, timings["synthesis"])
+        logger.info(
+            "Generated %d images in %.1f s%s.",
+            made_now,
+            timings["synthesis"],
+            f" (and kept {kept} from the interrupted run)" if kept else "",
+        )
         return images
 
     def _progress_config(self) -> dict:
