@@ -343,9 +343,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from hf_pds import PDSPipeline, extract_prototypes
     from hf_pds.cache import EmbeddingCache
+    from hf_pds.defaults import SCHEDULER_PRESETS
     from hf_pds.embedding import embed, embed_texts, pixel_values
     from hf_pds.pairs import read_pairs
-    from hf_pds.synthesis import SCHEDULER_PRESETS, compile_unet, prototype_seed, synthesize
+    from hf_pds.synthesis import compile_unet, prototype_seed, synthesize
     from hf_pds.testing import real_size_pds_components, tiny_pds_components
 
     datasets.disable_progress_bars()

@@ -1,17 +1,23 @@
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-# Before any Hugging Face import: a stray download must fail at once, and caches stay out of $HOME.
+import pytest
+
+# Before any Hugging Face import: a stray download must fail at once, and caches stay out of $HOME, in a folder of
+# this session that pytest_sessionfinish removes (pytest's tmp_path_factory exists only once the session starts,
+# after the libraries have read these variables).
+SESSION_CACHES = Path(tempfile.mkdtemp(prefix="hf-pds-test-"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="hf-pds-test-datasets-"))
+os.environ.setdefault("HF_DATASETS_CACHE", str(SESSION_CACHES / "datasets"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ["HF_PDS_CACHE"] = tempfile.mkdtemp(prefix="hf-pds-test-embeddings-")
+os.environ["HF_PDS_CACHE"] = str(SESSION_CACHES / "hf_pds")
 
 
-import datasets
-import pytest
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_CACHES, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -62,21 +68,17 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def distilled():
+def distilled(tmp_path_factory):
     """A distilled set of 5 pairs, made by the tiny pipeline from a Parquet file of 12 images."""
+    import datasets
+
+    from helpers import mixed_dataset
     from hf_pds.testing import tiny_pds_pipeline
 
-    pipe = tiny_pds_pipeline()
-    source = datasets.load_dataset("parquet", data_files={"train": _source_parquet()}, split="train")
-    return pipe(source, budget=5, num_inference_steps=2, output_size=48)
-
-
-def _source_parquet() -> str:
-    from helpers import mixed_dataset
-
-    path = Path(tempfile.mkdtemp()) / "source.parquet"
+    path = tmp_path_factory.mktemp("source") / "source.parquet"
     mixed_dataset(12).to_parquet(path)
-    return str(path)
+    source = datasets.load_dataset("parquet", data_files={"train": str(path)}, split="train")
+    return tiny_pds_pipeline()(source, budget=5, num_inference_steps=2, output_size=48)
 
 
 @pytest.fixture(scope="module")

@@ -100,9 +100,9 @@ def distill_arguments(inputs: Path, output: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def crash_encoding_after(monkeypatch, count: int | None) -> list:
-    """Make synthesis fail ("the machine went down") when it is about to encode image ``count + 1`` (None: never);
-    returns a list that grows by one per image encoded."""
+def crash_encoding_after(monkeypatch, count: int | None, error: BaseException | None = None) -> list:
+    """Make synthesis fail with ``error`` (default: "the machine went down") when it is about to encode image
+    ``count + 1`` (None: never); returns a list that grows by one per image encoded."""
     import hf_pds.pairs
     import hf_pds.synthesis
 
@@ -110,7 +110,7 @@ def crash_encoding_after(monkeypatch, count: int | None) -> list:
 
     def encode(image):
         if len(made) == count:
-            raise RuntimeError("the machine went down")
+            raise error or RuntimeError("the machine went down")
         made.append(1)
         return hf_pds.pairs.encode_png(image)
 

@@ -1,7 +1,14 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
 import datasets
 import pytest
 
-from helpers import error_line, mixed_dataset
+from helpers import cli, crash_encoding_after, distill_arguments, error_line, mixed_dataset
 from hf_pds.cli import main
 
 
@@ -73,7 +80,7 @@ def test_bad_input_is_reported_and_nothing_is_written(tmp_path, capsys):
     assert "Row 4: column 'caption' has an empty caption at position 1" in capsys.readouterr().err
     code = main([*arguments, "--budget", "50", "--output", str(tmp_path / "out"), "--skip-invalid-rows"])
     assert code == 2
-    assert "budget=50 is larger than" in capsys.readouterr().err
+    assert "--budget 50 is larger than" in capsys.readouterr().err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["pipe", "source"]
 
 
@@ -91,11 +98,11 @@ def saved_pipe(tmp_path_factory):
     [
         (["--device", "cuda"], "--device cuda: this machine has no such device"),
         (["--device", "toaster"], "--device 'toaster' is not a torch device"),
-        (["--budget", "0"], "budget must be at least 1, got 0"),
-        (["--seed", "-3"], "seed must be an integer in [0, 2**32), got -3"),
-        (["--guidance-scale", "nan"], "guidance_scale must be >= 0 (a finite number), got nan"),
-        (["--noise-level", "1000"], "noise_level must be an integer in [0, 1000)"),
-        (["--prune-ratio", "1.5"], "prune_ratio must be in [0, 1), got 1.5"),
+        (["--budget", "0"], "--budget must be at least 1, got 0"),
+        (["--seed", "-3"], "--seed must be an integer in [0, 2**32), got -3"),
+        (["--guidance-scale", "nan"], "--guidance-scale must be >= 0 (a finite number), got nan"),
+        (["--noise-level", "1000"], "--noise-level must be an integer in [0, 1000)"),
+        (["--prune-ratio", "1.5"], "--prune-ratio must be in [0, 1), got 1.5"),
         (["--embedding-batch-size", "0"], "--embedding-batch-size must be a positive integer, got 0"),
     ],
 )
@@ -141,3 +148,139 @@ def test_distill_and_evaluate_never_replace_a_users_folder(tmp_path, capsys, sav
     assert main(evaluate) == 2
     assert "holds files that hf-pds did not write" in error_line(capsys)
     assert [path.name for path in mine.iterdir()] == ["notes.txt"]
+
+
+def hub_folder(folder):
+    """A folder that looks like a distilled set to ``hf-pds push`` (which checks its layout before anything else)."""
+    (folder / "data").mkdir(parents=True)
+    (folder / "README.md").write_text("a card")
+    (folder / "data" / "train-00000-of-00001.parquet").write_bytes(b"")
+    return folder
+
+
+def test_errors_name_the_options_of_the_command_not_python_arguments(tmp_path, capsys, saved_pipe, monkeypatch):
+    import huggingface_hub
+
+    source = mixed_dataset(3)
+    columns = {name: list(source[name]) for name in source.column_names}
+    columns["caption"][1] = [""]
+    datasets.Dataset.from_dict(columns, features=source.features).save_to_disk(tmp_path / "source")
+    base = ["distill", "--dataset", str(tmp_path / "source"), "--pipeline", str(saved_pipe), "--budget", "2"]
+    assert main([*base, "--output", str(tmp_path / "out")]) == 2
+    line = error_line(capsys)
+    assert "Fix them, or pass --skip-invalid-rows to leave them out." in line and "=True" not in line
+    (tmp_path / "taken").mkdir()
+    assert main([*base, "--output", str(tmp_path / "taken")]) == 2
+    assert error_line(capsys).endswith(f"{tmp_path / 'taken'} already exists; pass --overwrite to replace it.")
+    # push takes no --token (it would stay in the shell's history): the message names the ways that work.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert main(["push", str(hub_folder(tmp_path / "set")), "me/set"]) == 2
+    line = error_line(capsys)
+    assert line.endswith("No Hugging Face token: log in with `hf auth login` or set HF_TOKEN to push.")
+    assert "token=" not in line
+
+
+def test_streaming_a_save_to_disk_folder_says_to_drop_streaming(tmp_path, capsys, saved_pipe):
+    mixed_dataset(4).save_to_disk(tmp_path / "source")
+    arguments = ["distill", "--dataset", str(tmp_path / "source"), "--streaming", "--pipeline", str(saved_pipe)]
+    assert main([*arguments, "--output", str(tmp_path / "out")]) == 2
+    line = error_line(capsys)
+    assert line.endswith(
+        "is a folder written by save_to_disk, which is read from disk, not streamed: drop --streaming."
+    )
+    assert "load_from_disk" not in line
+
+
+def test_a_library_log_line_is_printed_once(tmp_path):
+    # huggingface_hub logs each retry of a request through its own handler, and lets the record propagate.
+    script = textwrap.dedent(
+        """
+        import logging, sys
+        import huggingface_hub
+        from hf_pds.cli import main
+
+        def whoami(self):
+            logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+            raise OSError("Network is unreachable")
+
+        huggingface_hub.HfApi.whoami = whoami
+        sys.exit(main(sys.argv[1:]))
+        """
+    )
+    environment = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_not_a_real_token"}
+    command = [sys.executable, "-c", script, "push", str(hub_folder(tmp_path / "set")), "me/set"]
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("Retrying in 1s [Retry 1/5].") == 1, result.stderr
+    assert "The Hub cannot be reached" in result.stderr
+
+
+def test_a_run_prints_no_torchvision_notice(saved_inputs, tmp_path):
+    # Real unCLIP checkpoints name CLIPImageProcessor, which transformers resolves to CLIPImageProcessorPil without
+    # torchvision, with a notice (a log record, which the warnings filter of pytest's configuration does not see).
+    pipe = shutil.copytree(saved_inputs / "pipe", tmp_path / "pipe")
+    index = json.loads((pipe / "model_index.json").read_text())
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    run = cli(*distill_arguments(saved_inputs, tmp_path / "out", "--pipeline", str(pipe), "--budget", "2"))
+    output = run.communicate(timeout=600)[0]
+    assert run.returncode == 0, output
+    assert "torchvision" not in output and "CLIPImageProcessorPil" not in output
+
+
+def test_distill_help_imports_neither_torch_nor_diffusers():
+    script = textwrap.dedent(
+        """
+        import sys
+        from hf_pds.cli import main
+
+        try:
+            main(["distill", "--help"])
+        except SystemExit:
+            pass
+        print(sorted({"torch", "diffusers", "transformers", "datasets"} & set(sys.modules)))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    help_text = " ".join(result.stdout.split())
+    assert "--guidance-scale GUIDANCE_SCALE guidance scale (default: 5.0)" in help_text
+    assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_ctrl_c_before_the_prototypes_exist_says_nothing_was_kept(saved_inputs, tmp_path, capsys, monkeypatch):
+    import hf_pds.pipeline_pds
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf_pds.pipeline_pds, "embed", interrupted)
+    assert main(distill_arguments(saved_inputs, tmp_path / "out", "--budget", "3")) == 130
+    assert capsys.readouterr().err.endswith(
+        "hf-pds distill: interrupted; nothing was kept (the prototypes did not exist yet): running it again starts "
+        "over.\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_synthesis_says_what_was_kept_and_the_rerun_counts_it(
+    saved_inputs, tmp_path, capsys, monkeypatch
+):
+    arguments = distill_arguments(saved_inputs, tmp_path / "out", "--budget", "4", "--num-inference-steps", "2")
+    crash_encoding_after(monkeypatch, 1, KeyboardInterrupt())
+    assert main(arguments) == 130
+    work = (tmp_path / ".out.pds-run").resolve()
+    assert capsys.readouterr().err.endswith(
+        f"hf-pds distill: interrupted; the prototypes and 1 finished image are kept in {work}: running it again with "
+        "the same arguments resumes it.\n"
+    )
+    monkeypatch.undo()
+    assert main([*arguments, "--budget", "3"]) == 2
+    line = error_line(capsys)
+    assert line.endswith("Run again with the same arguments to resume it, or pass --fresh to discard it.")
+    made = crash_encoding_after(monkeypatch, None)
+    assert main(arguments) == 0
+    assert len(made) == 3
+    printed = capsys.readouterr().err
+    assert "Generated 3 images in " in printed and " s (and kept 1 from the interrupted run)." in printed

@@ -1,6 +1,7 @@
 """The house: which module may import which (read from the code with ``ast``), one version, the wheel's contents."""
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -106,3 +107,13 @@ def test_the_wheel_ships_the_card_template_from_the_top_level_folder(tmp_path):
     (wheel,) = tmp_path.glob("hf_pds-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "hf_pds/model_card_templates/distilled_dataset_card.md" in names
+
+
+def test_a_test_session_leaves_no_cache_behind(tmp_path):
+    environment = {name: value for name, value in os.environ.items() if name != "HF_DATASETS_CACHE"}
+    environment["TMPDIR"] = str(tmp_path)  # where the session's caches are made
+    one_test = f"{REPO / 'tests' / 'test_house.py'}::test_the_import_graph_is_read"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "base")]
+    result = subprocess.run([*command, one_test], capture_output=True, text=True, env=environment, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [path.name for path in tmp_path.iterdir() if path.name != "base"] == []  # base: pytest's tmp_path

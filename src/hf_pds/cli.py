@@ -1,8 +1,10 @@
 """Command line: ``hf-pds distill``, ``hf-pds push`` and ``hf-pds evaluate``.
 
-The defaults of ``distill`` are read from ``PDSPipeline.__call__``'s signature, so the command and the Python API
-cannot drift apart. Every argument that can be checked without a model or a dataset is checked before either is
-loaded. A user error (bad input, a load that fails, a Hub that refuses) is one line on stderr and exit code 2.
+The defaults of ``distill`` are those of ``PDSPipeline.__call__``, read from :mod:`hf_pds.defaults` (which imports
+nothing, so that ``--help`` is quick), so the command and the Python API cannot drift apart. Every argument that can
+be checked without a model or a dataset is checked before either is loaded. A user error (bad input, a load that
+fails, a Hub that refuses) is one line on stderr, in the command's words (its options, not the Python arguments),
+and exit code 2.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from . import defaults
 from .errors import run_command
 
 DEMO_OUTPUT = "pds-digits-demo"
@@ -24,26 +29,21 @@ DEMO_SETTINGS = {"budget": 10, "num_inference_steps": 25}
 DEFAULT_BUDGET = 100
 
 
-def pipeline_defaults() -> dict:
-    """The default of each keyword of ``PDSPipeline.__call__``."""
-    from .pipeline_pds import PDSPipeline
-
-    parameters = inspect.signature(PDSPipeline.__call__).parameters.values()
-    return {parameter.name: parameter.default for parameter in parameters if parameter.default is not parameter.empty}
+# The pipeline's arguments that the command line names otherwise: argument -> the option's name.
+RENAMED_ARGUMENTS = {"output_dir": "output", "clip_model_name_or_path": "clip_model"}
 
 
-def _add_distill_options(distill: argparse.ArgumentParser, defaults: dict) -> None:
+def _add_distill_options(distill: argparse.ArgumentParser) -> None:
     from .prototypes import KMEANS_BACKENDS
-    from .synthesis import SCHEDULER_PRESETS, default_steps
 
     source = distill.add_argument_group("source")
     source.add_argument("--dataset", help="Hub dataset id or local folder (default: the embedded digits demo)")
     source.add_argument("--split", default="train", help="split to distill (default: %(default)s)")
     source.add_argument(
-        "--image-column", default=defaults["image_column"], help="column of images (default: %(default)s)"
+        "--image-column", default=defaults.DEFAULT_IMAGE_COLUMN, help="column of images (default: %(default)s)"
     )
     source.add_argument(
-        "--caption-column", default=defaults["caption_column"], help="column of captions (default: %(default)s)"
+        "--caption-column", default=defaults.DEFAULT_CAPTION_COLUMN, help="column of captions (default: %(default)s)"
     )
     source.add_argument(
         "--skip-invalid-rows",
@@ -62,15 +62,15 @@ def _add_distill_options(distill: argparse.ArgumentParser, defaults: dict) -> No
     method.add_argument(
         "--prune-ratio",
         type=float,
-        default=defaults["prune_ratio"],
+        default=defaults.DEFAULT_PRUNE_RATIO,
         help="fraction of pairs pruned (default: %(default)s)",
     )
     method.add_argument("--normalize", action="store_true", help="cluster L2-normalised embeddings")
-    method.add_argument("--seed", type=int, default=defaults["seed"], help="run seed (default: %(default)s)")
+    method.add_argument("--seed", type=int, default=defaults.DEFAULT_SEED, help="run seed (default: %(default)s)")
     method.add_argument(
         "--kmeans-backend",
         choices=("auto", *KMEANS_BACKENDS),
-        default=defaults["kmeans_backend"],
+        default=defaults.DEFAULT_KMEANS_BACKEND,
         help="k-means: sklearn (the reference's MiniBatchKMeans call), fast (the same, seeded faster), faiss "
         "(weighted Lloyd), torch (the same on the --device); auto (the default): torch on a CUDA device, else faiss "
         "when installed, else fast",
@@ -78,23 +78,22 @@ def _add_distill_options(distill: argparse.ArgumentParser, defaults: dict) -> No
     generation = distill.add_argument_group("generation")
     generation.add_argument(
         "--pipeline",
-        help="PDSPipeline folder or unCLIP checkpoint (default: stabilityai/stable-diffusion-2-1-unclip-small; "
-        "demo: tiny random pipeline)",
+        help=f"PDSPipeline folder or unCLIP checkpoint (default: {defaults.DEFAULT_CHECKPOINT}; demo: tiny random "
+        "pipeline)",
     )
     generation.add_argument("--clip-model", help="CLIP model of the text tower when the checkpoint has none")
     generation.add_argument(
         "--num-inference-steps",
         type=int,
-        default=defaults["num_inference_steps"],
-        help=f"denoising steps (default: the paper's {default_steps(None)}, or the --scheduler preset's; "
+        help=f"denoising steps (default: the paper's {defaults.default_steps(None)}, or the --scheduler preset's; "
         f"demo: {DEMO_SETTINGS['num_inference_steps']})",
     )
     generation.add_argument(
         "--scheduler",
-        choices=sorted(SCHEDULER_PRESETS),
-        default=defaults["scheduler"],
+        choices=sorted(defaults.SCHEDULER_PRESETS),
         help="a fast preset instead of the checkpoint's scheduler: dpm++ (DPMSolverMultistepScheduler, "
-        f"{SCHEDULER_PRESETS['dpm++'][1]} steps; its quality against the paper's 100 steps is not measured here)",
+        f"{defaults.SCHEDULER_PRESETS['dpm++'][1]} steps; its quality against the paper's "
+        f"{defaults.DEFAULT_NUM_INFERENCE_STEPS} steps is not measured here)",
     )
     generation.add_argument(
         "--compile", action="store_true", help="compile the UNet's repeated blocks with torch.compile"
@@ -102,35 +101,39 @@ def _add_distill_options(distill: argparse.ArgumentParser, defaults: dict) -> No
     generation.add_argument(
         "--candidates",
         type=int,
-        default=defaults["candidates"],
+        default=defaults.DEFAULT_CANDIDATES,
         help="images made per prototype; the one closest to its prototype in CLIP space is kept (default: "
         "%(default)s, the paper's)",
     )
     generation.add_argument(
-        "--guidance-scale", type=float, default=defaults["guidance_scale"], help="guidance scale (default: %(default)s)"
+        "--guidance-scale",
+        type=float,
+        default=defaults.DEFAULT_GUIDANCE_SCALE,
+        help="guidance scale (default: %(default)s)",
     )
     generation.add_argument(
         "--noise-level",
         type=int,
-        default=defaults["noise_level"],
+        default=defaults.DEFAULT_NOISE_LEVEL,
         help="image-embedding noise level (default: %(default)s)",
     )
     generation.add_argument(
-        "--negative-prompt", default=defaults["negative_prompt"], help="negative prompt (default: %(default)r)"
+        "--negative-prompt", default=defaults.DEFAULT_NEGATIVE_PROMPT, help="negative prompt (default: %(default)r)"
     )
     generation.add_argument(
         "--output-size",
         type=int,
-        default=defaults["output_size"],
+        default=defaults.DEFAULT_OUTPUT_SIZE,
         help="side of the output images (default: %(default)s)",
     )
     generation.add_argument(
         "--batch-size",
         type=int,
-        default=defaults["batch_size"],
+        default=defaults.DEFAULT_BATCH_SIZE,
         help="prototypes decoded at once (default: %(default)s)",
     )
     runtime = distill.add_argument_group("runtime")
+    batch_sizes = defaults.EMBEDDING_BATCH_SIZES
     runtime.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     runtime.add_argument(
         "--dtype",
@@ -140,14 +143,14 @@ def _add_distill_options(distill: argparse.ArgumentParser, defaults: dict) -> No
     runtime.add_argument(
         "--embedding-batch-size",
         type=int,
-        default=defaults["embedding_batch_size"],
-        help="images or captions per CLIP forward pass (default: 64 on cpu, 256 on an accelerator)",
+        help=f"images or captions per CLIP forward pass (default: {batch_sizes['cpu']} on cpu, "
+        f"{batch_sizes['accelerator']} on an accelerator)",
     )
     runtime.add_argument(
         "--decode-workers",
         type=int,
-        default=defaults["decode_workers"],
-        help="threads that decode images ahead of the CLIP encoder (default: the CPU cores, at most 8)",
+        help="threads that decode images ahead of the CLIP encoder (default: the CPU cores, at most "
+        f"{defaults.MAX_DECODE_WORKERS})",
     )
     runtime.add_argument(
         "--output",
@@ -169,9 +172,8 @@ def _add_distill_options(distill: argparse.ArgumentParser, defaults: dict) -> No
     runtime.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
 
 
-def _parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The ``hf-pds`` parser. The options of ``distill`` (whose defaults need the pipeline module, a few seconds
-    to import) are added only when ``command`` is ``distill``."""
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``hf-pds`` parser, and the parser of each command."""
     parser = argparse.ArgumentParser(prog="hf-pds", description="Multimodal dataset distillation with PDS.")
     commands = parser.add_subparsers(dest="command", required=True)
     distill = commands.add_parser(
@@ -183,8 +185,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
             "pipeline: no network, a demonstration of the mechanics, not of image quality."
         ),
     )
-    if command == "distill":
-        _add_distill_options(distill, pipeline_defaults())
+    _add_distill_options(distill)
 
     push = commands.add_parser(
         "push",
@@ -203,8 +204,37 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 
     from .evaluation.cli import add_evaluate_parser
 
-    add_evaluate_parser(commands)
-    return parser
+    evaluate = add_evaluate_parser(commands)
+    return parser, {"distill": distill, "push": push, "evaluate": evaluate}
+
+
+def _options(command: argparse.ArgumentParser) -> dict[str, str]:
+    """The option that spells each Python argument a command's errors may name (``skip_invalid_rows`` ->
+    ``--skip-invalid-rows``, ``output_dir`` -> ``--output``)."""
+    # argparse keeps a parser's actions in _actions; it has no public list of them.
+    options = {action.dest: action.option_strings[-1] for action in command._actions if action.option_strings}
+    options.update({argument: options[name] for argument, name in RENAMED_ARGUMENTS.items() if name in options})
+    return options
+
+
+@contextmanager
+def _summaries_on_stderr() -> Iterator[None]:
+    """hf-pds's one-line summaries (INFO and above) on stderr while a command runs.
+
+    Only hf-pds's logger gets a handler. Libraries print through their own (huggingface_hub and datasets give
+    theirs one and let records propagate too) or through Python's last resort; a handler on the root logger would
+    print each line of theirs twice."""
+    logger = logging.getLogger("hf_pds")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _local(path: str | None) -> Path | None:
@@ -252,12 +282,10 @@ def _distill(args: argparse.Namespace) -> Path:
 
     from .distributed import process_state
     from .hub import check_output_folder, load_source_dataset
-    from .pipeline_pds import DEFAULT_CHECKPOINT, PDSPipeline, check_generation_settings, check_pipeline_folder
+    from .pipeline_pds import PDSPipeline, check_generation_settings, check_pipeline_folder
     from .prototypes import check_budget, check_prune_ratio, check_seed, resolve_kmeans_backend
-    from .synthesis import default_steps
 
     demo = args.dataset is None
-    defaults = pipeline_defaults()
     budget = args.budget if args.budget is not None else (DEMO_SETTINGS["budget"] if demo else DEFAULT_BUDGET)
     steps = args.num_inference_steps
     if steps is None and demo:
@@ -271,7 +299,7 @@ def _distill(args: argparse.Namespace) -> Path:
     check_seed(args.seed)
     resolve_kmeans_backend(args.kmeans_backend)
     check_generation_settings(
-        default_steps(args.scheduler) if steps is None else steps,
+        defaults.default_steps(args.scheduler) if steps is None else steps,
         args.guidance_scale,
         args.noise_level,
         _noise_steps(args.pipeline),
@@ -318,7 +346,7 @@ def _distill(args: argparse.Namespace) -> Path:
         if dtype != torch.float32:
             pipeline = pipeline.to(dtype=dtype)
     else:
-        name = args.pipeline or DEFAULT_CHECKPOINT
+        name = args.pipeline or defaults.DEFAULT_CHECKPOINT
         try:
             pipeline = PDSPipeline.from_pretrained(name, clip_model_name_or_path=args.clip_model, dtype=dtype)
         except Exception as error:  # diffusers and transformers raise many types for a folder or id they cannot load
@@ -327,7 +355,9 @@ def _distill(args: argparse.Namespace) -> Path:
 
     # 3. Distill.
     started = time.perf_counter()
-    # The options named as the pipeline's arguments go through as they are.
+    # The options named as the pipeline's keyword arguments go through as they are.
+    parameters = inspect.signature(PDSPipeline.__call__).parameters.values()
+    keywords = {parameter.name for parameter in parameters if parameter.default is not parameter.empty}
     given = {
         "budget": budget,
         "num_inference_steps": steps,
@@ -335,7 +365,7 @@ def _distill(args: argparse.Namespace) -> Path:
         "use_cache": not args.no_cache,
         "provenance": provenance,
     }
-    options = {name: value for name, value in vars(args).items() if name in defaults and name not in given}
+    options = {name: value for name, value in vars(args).items() if name in keywords and name not in given}
     result = pipeline(dataset, **given, **options)
     say(
         f"Distilled {result.settings['source_captions']} pairs ({result.settings['source_images']} images) into "
@@ -363,17 +393,16 @@ def _push(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     from .evaluation.cli import run_evaluate
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    command = next((word for word in argv if not word.startswith("-")), None)
-    args = _parser(command).parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("hf_pds").setLevel(logging.INFO)  # the stages' one-line summaries
-    try:
-        if args.command == "evaluate":
-            return run_evaluate(args)
-        return run_command(args.command, {"distill": _distill, "push": _push}[args.command], args)
-    finally:
-        _end_process_group()
+    parser, commands = _parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    options = _options(commands[args.command])
+    with _summaries_on_stderr():
+        try:
+            if args.command == "evaluate":
+                return run_evaluate(args, options)
+            return run_command(args.command, {"distill": _distill, "push": _push}[args.command], args, options=options)
+        finally:
+            _end_process_group()
 
 
 def _end_process_group() -> None:

@@ -81,9 +81,7 @@ def check_output_folder(
     if not folder.exists() and not folder.is_symlink():
         return folder
     if not overwrite:
-        raise FileExistsError(
-            f"{folder} already exists; pass overwrite=True to replace it (on the command line, pass --overwrite)."
-        )
+        raise FileExistsError(f"{folder} already exists; pass overwrite=True to replace it.")
     if not folder.is_dir():
         raise FileExistsError(f"{folder} exists and is not a folder: hf-pds will not replace it.")
     guarded = [Path.cwd(), Path.home(), *(Path(path) for path in protected if path is not None)]
@@ -301,9 +299,7 @@ def push_folder(
         raise ConnectionError("HF_HUB_OFFLINE is set: unset it to push to the Hub.")
     token = token or get_token()
     if not token:
-        raise PermissionError(
-            "No Hugging Face token: log in with `hf auth login`, set HF_TOKEN, or pass token=... to push."
-        )
+        raise PermissionError("No Hugging Face token: log in with `hf auth login` or set HF_TOKEN to push.")
     api = HfApi(token=token)
     try:
         user = api.whoami()["name"]
@@ -333,17 +329,19 @@ def load_source_dataset(name: str | os.PathLike, split: str, streaming: bool = F
     """A split of a Hub dataset or of a local folder (Hub layout, data files, or ``save_to_disk``).
 
     Raises:
-        ValueError: the dataset or the split cannot be loaded; the message names both and says why.
+        ValueError: the dataset or the split cannot be loaded; the message names both and says why. A
+            ``save_to_disk`` folder cannot be streamed.
     """
     import datasets
 
     path = Path(name)
+    saved_to_disk = path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists())
+    if saved_to_disk and streaming:
+        raise ValueError(
+            f"{name} is a folder written by save_to_disk, which is read from disk, not streamed: drop streaming=True."
+        )
     try:
-        if (
-            not streaming
-            and path.is_dir()
-            and ((path / "state.json").exists() or (path / "dataset_dict.json").exists())
-        ):
+        if saved_to_disk:
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
                 if split not in loaded:

@@ -29,6 +29,23 @@ from transformers import (
 )
 
 from .cache import EmbeddingCache, weights_fingerprint
+from .defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CANDIDATES,
+    DEFAULT_CAPTION_COLUMN,
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_IMAGE_COLUMN,
+    DEFAULT_KMEANS_BACKEND,
+    DEFAULT_NEGATIVE_PROMPT,
+    DEFAULT_NOISE_LEVEL,
+    DEFAULT_OUTPUT_SIZE,
+    DEFAULT_PRUNE_RATIO,
+    DEFAULT_SEED,
+    EMBEDDING_BATCH_SIZES,
+    MAX_DECODE_WORKERS,
+    SCHEDULER_PRESETS,
+    default_steps,
+)
 from .distilled import PDSPipelineOutput, build_distilled_dataset
 from .distributed import barrier, broadcast, gather_dicts, process_state
 from .embedding import ClipTowers, Embeddings, embed
@@ -36,31 +53,12 @@ from .hub import check_output_folder, hf_pds_version
 from .pairs import PairTable, check_columns, read_pairs
 from .prototypes import check_budget, check_prune_ratio, check_seed, extract_prototypes, resolve_kmeans_backend
 from .run_state import Checkpoint, RunState, open_run
-from .synthesis import (
-    DEFAULT_GUIDANCE_SCALE,
-    DEFAULT_NEGATIVE_PROMPT,
-    DEFAULT_NOISE_LEVEL,
-    DEFAULT_OUTPUT_SIZE,
-    SCHEDULER_PRESETS,
-    Generated,
-    best_candidates,
-    compile_unet,
-    default_steps,
-    preset_scheduler,
-    prototype_seed,
-    synthesize,
-)
+from .synthesis import Generated, best_candidates, compile_unet, preset_scheduler, prototype_seed, synthesize
 
 if TYPE_CHECKING:
     import datasets
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CHECKPOINT = "stabilityai/stable-diffusion-2-1-unclip-small"
-# Images or captions per CLIP forward pass: on a CPU, and on an accelerator.
-EMBEDDING_BATCH_SIZES = {"cpu": 64, "accelerator": 256}
-# Threads that decode images ahead of the CLIP image encoder, at most.
-MAX_DECODE_WORKERS = 8
 
 # The CLIP model whose text tower matches each unCLIP image encoder, keyed by the vision tower's
 # (hidden_size, projection_dim, patch_size).
@@ -441,26 +439,26 @@ class PDSPipeline(DiffusionPipeline):
         self,
         dataset: datasets.Dataset,
         budget: int,
-        image_column: str = "image",
-        caption_column: str = "caption",
+        image_column: str = DEFAULT_IMAGE_COLUMN,
+        caption_column: str = DEFAULT_CAPTION_COLUMN,
         *,
-        prune_ratio: float = 0.2,
+        prune_ratio: float = DEFAULT_PRUNE_RATIO,
         normalize: bool = False,
         num_inference_steps: int | None = None,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         noise_level: int = DEFAULT_NOISE_LEVEL,
         negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
         generator: torch.Generator | None = None,
-        seed: int = 42,
+        seed: int = DEFAULT_SEED,
         output_size: int | None = DEFAULT_OUTPUT_SIZE,
-        batch_size: int = 8,
-        candidates: int = 1,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        candidates: int = DEFAULT_CANDIDATES,
         scheduler: str | None = None,
         compile: bool = False,
         embedding_batch_size: int | None = None,
         decode_workers: int | None = None,
         skip_invalid_rows: bool = False,
-        kmeans_backend: str | None = "auto",
+        kmeans_backend: str | None = DEFAULT_KMEANS_BACKEND,
         output_dir: str | os.PathLike | None = None,
         overwrite: bool = False,
         fresh: bool = False,
@@ -519,7 +517,8 @@ class PDSPipeline(DiffusionPipeline):
             output_dir (`str`, *optional*): also save the distilled set there, as a Hub-layout folder, and make the
                 run resumable: images are kept as they are made in a work folder beside it, and the same call after
                 an interruption (even SIGKILL) makes only the missing ones. The folder appears when complete. A
-                second run into the same folder while this one is alive is refused.
+                second run into the same folder while this one is alive is refused. Ctrl-C raises
+                `hf_pds.run_state.RunInterrupted` (a `KeyboardInterrupt`), whose message says what was kept.
             overwrite (`bool`, defaults to `False`): replace an existing `output_dir`, which must be empty or an
                 hf-pds output (never the current folder, one of its parents, or a folder the run reads).
             fresh (`bool`, defaults to `False`): discard an interrupted run into `output_dir` instead of resuming it
@@ -676,9 +675,19 @@ class PDSPipeline(DiffusionPipeline):
                 progress=progress,
             )
         images = best_candidates(gather_dicts(made, state), count, candidates)
+        # Made now: what every process saved to the run's store (without a store, everything); the rest was kept.
+        made_now = count * candidates
+        if run is not None:
+            made_now = sum(gather_dicts({state.process_index: run.images.saved}, state).values())
+        kept = count * candidates - made_now
         self.maybe_free_model_hooks()
         timings["synthesis"] = time.perf_counter() - started
-        logger.info("Generated %d images in %.1f s.", count * candidates, timings["synthesis"])
+        logger.info(
+            "Generated %d images in %.1f s%s.",
+            made_now,
+            timings["synthesis"],
+            f" (and kept {kept} from the interrupted run)" if kept else "",
+        )
         return images
 
     def _progress_config(self) -> dict:

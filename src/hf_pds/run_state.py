@@ -47,6 +47,10 @@ class RunInProgressError(FileExistsError):
     """Another live run is writing the same output folder."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A run into an output folder was interrupted (Ctrl-C); the message says what was kept for the rerun."""
+
+
 @dataclass
 class Checkpoint:
     """What steps 2-3 produce and a resumed run restores instead of running them again.
@@ -73,6 +77,7 @@ class ImageStore:
 
     def __init__(self, folder: Path):
         self.folder = folder
+        self.saved = 0  # images saved by this process: those it made, not those it found
 
     def path(self, index: int, candidate: int) -> Path:
         return self.folder / f"{index:06d}-{candidate}.png"
@@ -94,6 +99,7 @@ class ImageStore:
         write_atomically(path, image.png)
         scores = {"fidelity": image.fidelity, "text_alignment": image.text_alignment}
         write_atomically(path.with_suffix(".json"), json.dumps(scores).encode())
+        self.saved += 1
 
     def count(self) -> int:
         """How many images are stored (readable or not)."""
@@ -192,7 +198,7 @@ class RunState:
             )
             raise ValueError(
                 f"{self.folder} holds an interrupted run into {self.output_dir} with other arguments ({details}). "
-                "Run again with the same arguments to resume it, or pass fresh=True (CLI: --fresh) to discard it."
+                "Run again with the same arguments to resume it, or pass fresh=True to discard it."
             )
         # Not resumable (a run that died before its prototypes existed), or discarded: start clean.
         for path in self.folder.iterdir():
@@ -225,6 +231,16 @@ class RunState:
         write_atomically(self.folder / _ARGUMENTS, json.dumps(self._arguments, indent=1, sort_keys=True).encode())
         self.checkpoint = checkpoint
 
+    def kept(self) -> str:
+        """What an interrupted run leaves for the next one, in words."""
+        if not (self.folder / _ARGUMENTS).exists():  # as close() decides
+            return "nothing was kept (the prototypes did not exist yet): running it again starts over."
+        images = self.images.count()
+        return (
+            f"the prototypes and {images} finished image{'s' * (images != 1)} are kept in {self.folder}: running it "
+            "again with the same arguments resumes it."
+        )
+
     def finish(self) -> None:
         """The output folder is in place: the work folder is no longer needed."""
         self._finished = True
@@ -243,7 +259,10 @@ def open_run(
     output_dir: str | os.PathLike | None, arguments: dict | None, fresh: bool = False, state=SINGLE_PROCESS
 ) -> Iterator[RunState | None]:
     """The opened :class:`RunState` of ``output_dir`` for the block (None without ``output_dir``), closed after it.
-    ``arguments`` are what a resumed run must share with the interrupted one (None without ``output_dir``)."""
+    ``arguments`` are what a resumed run must share with the interrupted one (None without ``output_dir``).
+
+    An interruption (``KeyboardInterrupt``) in the block goes on as :class:`RunInterrupted`, which says what was
+    kept."""
     if output_dir is None:
         yield None
         return
@@ -251,5 +270,7 @@ def open_run(
     run.open(arguments, fresh, state)
     try:
         yield run
+    except KeyboardInterrupt as interrupt:
+        raise RunInterrupted(run.kept()) from interrupt
     finally:
         run.close(state)

@@ -9,20 +9,20 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CANDIDATES,
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NEGATIVE_PROMPT,
+    DEFAULT_NOISE_LEVEL,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    DEFAULT_OUTPUT_SIZE,
+    SCHEDULER_PRESETS,
+)
 from .distributed import SINGLE_PROCESS
 from .embedding import pixel_values
 from .pairs import encode_png
 from .prototypes import pair_cosine
-
-# The paper's generation settings (PDS, Sec. 4 and its reference code).
-DEFAULT_NUM_INFERENCE_STEPS = 100
-DEFAULT_GUIDANCE_SCALE = 5.0
-DEFAULT_NOISE_LEVEL = 10
-DEFAULT_NEGATIVE_PROMPT = "text, watermark"
-DEFAULT_OUTPUT_SIZE = 224
-# Fast presets: a scheduler built from the checkpoint's scheduler config, and its default number of steps. Their
-# quality against the paper's 100 PNDM steps is not measured by hf-pds.
-SCHEDULER_PRESETS = {"dpm++": ("DPMSolverMultistepScheduler", 25)}
 
 
 def preset_scheduler(preset: str, config):
@@ -31,11 +31,6 @@ def preset_scheduler(preset: str, config):
 
     class_name, _ = SCHEDULER_PRESETS[preset]
     return getattr(diffusers, class_name).from_config(config)
-
-
-def default_steps(scheduler: str | None) -> int:
-    """The number of denoising steps of the checkpoint's scheduler (None: the paper's) or of a fast preset."""
-    return DEFAULT_NUM_INFERENCE_STEPS if scheduler is None else SCHEDULER_PRESETS[scheduler][1]
 
 
 def compile_unet(unet, enabled: bool) -> None:
@@ -128,13 +123,13 @@ def synthesize(
     seeds: Sequence[int],
     *,
     text_embeds: np.ndarray | None = None,
-    candidates: int = 1,
+    candidates: int = DEFAULT_CANDIDATES,
     num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     noise_level: int = DEFAULT_NOISE_LEVEL,
     negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
     output_size: int | None = DEFAULT_OUTPUT_SIZE,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     batch_invariant: bool | None = None,
     store=None,
     state=SINGLE_PROCESS,

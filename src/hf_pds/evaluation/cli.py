@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -281,9 +282,10 @@ def _evaluate(args: argparse.Namespace) -> tuple[list[dict], dict]:
     return records, settings
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    """Run ``hf-pds evaluate`` from parsed arguments; returns the exit code (2: a user's error, told on one line)."""
-    return run_command("evaluate", evaluate, args)
+def run_evaluate(args: argparse.Namespace, options: Mapping[str, str] | None = None) -> int:
+    """Run ``hf-pds evaluate`` from parsed arguments; returns the exit code (2: a user's error, told on one line,
+    with the Python arguments it names spelled as ``options`` says: see :func:`hf_pds.errors.run_command`)."""
+    return run_command("evaluate", evaluate, args, options=options)
 
 
 def evaluate(args: argparse.Namespace) -> Path:
