@@ -414,7 +414,8 @@ def test_numpy_integers_are_integers(pipe, dataset, tmp_path):
 
 def test_degenerate_data_warns_how_many_prototypes_are_fallbacks(pipe, caplog):
     same = datasets.Dataset.from_dict(
-        {"image": [PIL.Image.new("RGB", (8, 8), (9, 9, 9))] * 6, "caption": ["one caption for all"] * 6},
+        # Six images (identical ones would be refused: more prototypes than distinct images), one caption.
+        {"image": [PIL.Image.new("RGB", (8, 8), (9, 9, 9 + row)) for row in range(6)], "caption": ["one caption"] * 6},
         features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}),
     )
     with caplog.at_level(logging.WARNING):
