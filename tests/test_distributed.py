@@ -9,7 +9,9 @@ from helpers import cli, distill_arguments, folder_bytes
 
 def on_two_processes(saved_inputs, output, *arguments):
     """``hf-pds distill`` under ``torchrun --nproc_per_node 2`` (gloo on CPU); returns its output."""
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    temporary = output.parent / "torchrun-tmp"  # torchrun leaves its log folders in the temporary directory
+    temporary.mkdir()
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(temporary)}
     double = subprocess.run(
         [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
