@@ -87,6 +87,29 @@ def cli(*arguments: str, **kwargs) -> subprocess.Popen:
     )
 
 
+def error_line(capsys) -> str:
+    """The one line a failed command printed on stderr (and no traceback)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("hf-pds ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def refuse_writes_in(monkeypatch, folder: Path, code: int) -> None:
+    """Make creating a file or folder directly in ``folder`` fail with ``OSError(code)``, as on a read-only file
+    system (``errno.EROFS``) or a full disk (``errno.ENOSPC``)."""
+    folder = folder.resolve()
+    for name in ("open", "mkdir"):
+        real = getattr(os, name)
+
+        def refuse(path, *args, _real=real, **kwargs):
+            if Path(os.fsdecode(path)).parent == folder:
+                raise OSError(code, os.strerror(code), os.fsdecode(path))
+            return _real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, refuse)
+
+
 def distill_arguments(inputs: Path, output: Path, *extra: str) -> list[str]:
     return [
         "distill",

@@ -31,6 +31,7 @@ from pathlib import Path
 import PIL.Image
 
 from .distributed import SINGLE_PROCESS, broadcast
+from .errors import NoSpaceError
 from .hub import write_atomically
 from .prototypes import Prototypes
 from .synthesis import Generated
@@ -225,6 +226,15 @@ class RunState:
         write_atomically(self.folder / _ARGUMENTS, json.dumps(self._arguments, indent=1, sort_keys=True).encode())
         self.checkpoint = checkpoint
 
+    def what_a_rerun_keeps(self) -> str:
+        """One sentence for a run that failed: what of it the same call resumes from."""
+        if (self.folder / _ARGUMENTS).exists():
+            return (
+                f"The run resumes when rerun: its prototypes and {self.images.count()} finished images are kept in "
+                f"{self.folder}."
+            )
+        return "Nothing of the run was kept: a rerun starts again."
+
     def finish(self) -> None:
         """The output folder is in place: the work folder is no longer needed."""
         self._finished = True
@@ -251,5 +261,7 @@ def open_run(
     run.open(arguments, fresh, state)
     try:
         yield run
+    except NoSpaceError as error:  # a full disk: say what a rerun keeps
+        raise NoSpaceError(f"{error} {run.what_a_rerun_keeps()}") from error
     finally:
         run.close(state)
