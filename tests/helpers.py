@@ -87,6 +87,21 @@ def cli(*arguments: str, **kwargs) -> subprocess.Popen:
     )
 
 
+def refuse_writes_in(monkeypatch, folder: Path, code: int) -> None:
+    """Make creating a file or folder directly in ``folder`` fail with ``OSError(code)``, as on a read-only file
+    system (``errno.EROFS``) or a full disk (``errno.ENOSPC``)."""
+    folder = folder.resolve()
+    for name in ("open", "mkdir"):
+        real = getattr(os, name)
+
+        def refuse(path, *args, _real=real, **kwargs):
+            if Path(os.fsdecode(path)).parent == folder:
+                raise OSError(code, os.strerror(code), os.fsdecode(path))
+            return _real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, refuse)
+
+
 def distill_arguments(inputs: Path, output: Path, *extra: str) -> list[str]:
     return [
         "distill",

@@ -1,7 +1,9 @@
 """The embedding cache: a second distill runs no CLIP forward; keys follow data and models; bad entries and
 unusable folders never cost the run."""
 
+import errno
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -103,3 +105,23 @@ def test_the_cache_home_is_one_folder_and_the_old_variable_still_works(monkeypat
     monkeypatch.setenv("HF_PDS_FEATURE_CACHE", str(tmp_path / "old"))
     with pytest.warns(FutureWarning, match=r"\$HF_PDS_FEATURE_CACHE is deprecated: set \$HF_PDS_CACHE"):
         assert features_cache_dir() == tmp_path / "old"
+
+
+def test_a_full_cache_disk_leaves_no_staging_folder_behind(pipe, dataset, tmp_path, monkeypatch, caplog):
+    cache = tmp_path / "cache"
+    write_text = Path.write_text
+
+    def full_disk(self, *args, **kwargs):  # every file written into the cache folder fails, as on a full disk
+        if cache in self.parents:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="hf_pds.cache"):
+        patch.setattr(Path, "write_text", full_disk)
+        pipe(dataset, budget=3, cache_dir=cache, **FAST)
+    assert "No space left on device" in caplog.text
+    assert list(cache.iterdir()) == []  # not even an empty staging folder
+    # With space again, the entry is written, and nothing else is there.
+    pipe(dataset, budget=3, cache_dir=cache, **FAST)
+    (entry,) = cache.iterdir()
+    assert not entry.name.startswith(".") and (entry / "manifest.json").is_file()

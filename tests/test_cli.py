@@ -1,4 +1,6 @@
+import errno
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -8,7 +10,15 @@ import textwrap
 import datasets
 import pytest
 
-from helpers import cli, crash_encoding_after, distill_arguments, error_line, mixed_dataset
+from helpers import (
+    cli,
+    crash_encoding_after,
+    distill_arguments,
+    error_line,
+    folder_bytes,
+    mixed_dataset,
+    refuse_writes_in,
+)
 from hf_pds.cli import main
 
 
@@ -145,7 +155,7 @@ def test_distill_and_evaluate_never_replace_a_users_folder(tmp_path, capsys, sav
     base = ["distill", "--dataset", str(tmp_path / "no-such-dataset"), "--pipeline", str(saved_pipe)]
     assert main([*base, "--output", str(mine), "--overwrite"]) == 2
     assert "holds files that hf-pds did not write" in error_line(capsys)
-    evaluate = ["evaluate", "--eval-dataset", str(tmp_path), "--full", "--output", str(mine), "--overwrite"]
+    evaluate = ["evaluate", "--eval-dataset", str(tmp_path / "eval"), "--full", "--output", str(mine), "--overwrite"]
     assert main(evaluate) == 2
     assert "holds files that hf-pds did not write" in error_line(capsys)
     assert [path.name for path in mine.iterdir()] == ["notes.txt"]
@@ -285,3 +295,72 @@ def test_ctrl_c_during_synthesis_says_what_was_kept_and_the_rerun_counts_it(
     assert len(made) == 3
     printed = capsys.readouterr().err
     assert "Generated 3 images in " in printed and " s (and kept 1 from the interrupted run)." in printed
+
+
+def test_overwrite_into_a_clone_of_a_published_set_is_refused_with_the_way_to_update_it(
+    saved_inputs, tmp_path, capsys, saved_pipe
+):
+    clone = tmp_path / "clone"
+    assert main(distill_arguments(saved_inputs, clone, "--budget", "2", "--num-inference-steps", "2")) == 0
+    capsys.readouterr()
+    (clone / ".git").mkdir()
+    (clone / "train_student.py").write_text("print('mine')")
+    (clone / "results").mkdir()
+    before = folder_bytes(clone)
+    base = ["distill", "--dataset", str(tmp_path / "no-such-dataset"), "--pipeline", str(saved_pipe)]
+    assert main([*base, "--output", str(clone), "--overwrite"]) == 2
+    line = error_line(capsys)
+    assert f"{clone} holds files that hf-pds did not write (.git/, results/, train_student.py)" in line
+    assert "It is a git clone: to update the set it holds, save into a new folder" in line
+    assert folder_bytes(clone) == before and (clone / "results").is_dir()
+
+
+def test_an_output_inside_the_source_folder_or_empty_is_refused(saved_inputs, tmp_path, monkeypatch, capsys):
+    source = saved_inputs / "source"
+    before = sorted(path.name for path in source.iterdir())
+    assert main(distill_arguments(saved_inputs, source / "pds", "--budget", "2")) == 2
+    assert f"The output folder {source / 'pds'} is inside {source}, which this run reads" in error_line(capsys)
+    assert sorted(path.name for path in source.iterdir()) == before
+    monkeypatch.chdir(tmp_path)
+    pipeline = str(saved_inputs / "pipe")
+    assert main(["distill", "--dataset", str(source), "--pipeline", pipeline, "--output", "", "--budget", "2"]) == 2
+    assert "The output folder is '' (empty): name the folder to write." in error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [(errno.EROFS, "(Read-only file system), so the output folder"), (errno.ENOSPC, "No space left on")],
+)
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(
+    tmp_path, capsys, monkeypatch, saved_pipe, code, message
+):
+    (tmp_path / "parent").mkdir()
+    refuse_writes_in(monkeypatch, tmp_path / "parent", code)
+    # The dataset does not exist: an error about the output shows that nothing was loaded before the check.
+    base = ["distill", "--dataset", str(tmp_path / "no-such-dataset"), "--pipeline", str(saved_pipe)]
+    assert main([*base, "--output", str(tmp_path / "parent" / "out")]) == 2
+    assert message in error_line(capsys)
+
+
+def test_a_disk_that_fills_during_the_save_is_one_line_and_the_same_command_resumes(
+    saved_inputs, tmp_path, monkeypatch, capsys, caplog
+):
+    arguments = distill_arguments(saved_inputs, tmp_path / "out", "--budget", "2", "--num-inference-steps", "2")
+
+    def full_disk(self, path, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(datasets.Dataset, "to_parquet", full_disk)
+        assert main(arguments) == 2
+    line = error_line(capsys)
+    assert "No space left on" in line and "MB needed" in line
+    assert line.endswith(
+        f"Of this run, the prototypes and 2 finished images are kept in {tmp_path}/.out.pds-run: running it again "
+        "with the same arguments resumes it."
+    )
+    with caplog.at_level(logging.INFO, logger="hf_pds"):
+        assert main(arguments) == 0
+    assert "its 2 prototypes and 2 finished images are kept" in caplog.text
+    assert datasets.load_dataset(str(tmp_path / "out"), split="train").num_rows == 2

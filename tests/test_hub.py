@@ -1,7 +1,9 @@
 """Hub-layout folders: saving, loading back, replacing only what hf-pds wrote, cleaning leftovers, pushing."""
 
+import errno
 import logging
 import os
+import re
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,9 +13,10 @@ import numpy as np
 import pytest
 from huggingface_hub import DatasetCard
 
-from helpers import mixed_dataset
+from helpers import FAST, error_line, folder_bytes, mixed_dataset, refuse_writes_in
 from hf_pds.cli import main
 from hf_pds.distilled import COLUMNS
+from hf_pds.errors import NoSpaceError
 from hf_pds.hub import push_folder, size_category
 from hf_pds.testing import tiny_pds_pipeline
 
@@ -58,10 +61,37 @@ def test_save_refuses_to_overwrite_and_leaves_nothing_on_failure(distilled, tmp_
 def test_overwrite_replaces_a_saved_folder(distilled, tmp_path):
     target = tmp_path / "out"
     distilled.save(target)
-    (target / "stale.txt").write_text("from an older run")
+    # A shard of an older, larger run: hf-pds's own, so replaced with the rest.
+    (target / "data" / "train-00000-of-00001.parquet").rename(target / "data" / "train-00001-of-00002.parquet")
     distilled.save(target, overwrite=True)
     assert sorted(path.name for path in target.iterdir()) == SAVED_FILES
+    assert [path.name for path in (target / "data").iterdir()] == ["train-00000-of-00001.parquet"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_overwrite_refuses_a_clone_of_a_published_set_and_says_how_to_update_it(distilled, tmp_path):
+    # A `git clone` of a pushed set: its card carries hf-pds's mark, and the user added files of their own.
+    clone = distilled.save(tmp_path / "clone")
+    (clone / ".git").mkdir()
+    (clone / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (clone / ".gitattributes").write_text("*.parquet filter=lfs diff=lfs merge=lfs -text\n")
+    (clone / "train_student.py").write_text("print('my training script')\n")
+    (clone / "results").mkdir()
+    (clone / "results" / "run-1.json").write_text("{}")
+    before = folder_bytes(clone)
+    with pytest.raises(FileExistsError) as refused:
+        distilled.save(clone, overwrite=True)
+    message = str(refused.value)
+    assert "holds files that hf-pds did not write (.git/, .gitattributes, results/, train_student.py)" in message
+    assert "`hf-pds push NEW_FOLDER REPO_ID`" in message and "`git pull` in the clone" in message
+    assert folder_bytes(clone) == before
+    # One file of the user's is enough, and one in data/ too; each is named.
+    for mine in ("notes.txt", "data/my-labels.csv"):
+        output = distilled.save(tmp_path / mine.replace("/", "-"))
+        (output / mine).write_text("mine")
+        with pytest.raises(FileExistsError, match=f"did not write \\({mine}\\)"):
+            distilled.save(output, overwrite=True)
+        assert (output / mine).read_text() == "mine"
 
 
 def test_saved_folder_round_trips_through_load_dataset(saved, distilled):
@@ -303,3 +333,91 @@ def test_a_hub_that_fails_the_upload_is_one_clear_error(saved, hub, monkeypatch)
     monkeypatch.setattr(FakeHub, "upload_folder", refuse)
     with pytest.raises(ConnectionError, match=r"The Hub refused the push to me/pds-5 \(RuntimeError: 409 Conflict"):
         push_folder(saved, "me/pds-5", token=TOKEN)
+
+
+def test_an_output_inside_a_folder_the_run_reads_is_refused(pipe, dataset, distilled, tmp_path):
+    source = tmp_path / "source"
+    dataset.save_to_disk(source)
+    loaded = datasets.load_from_disk(str(source))
+    calls = []
+    hook = pipe.image_encoder.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with pytest.raises(
+            ValueError, match=re.escape(f"The output folder {source / 'pds'} is inside {source}, which this run reads")
+        ):
+            pipe(loaded, budget=3, output_dir=source / "pds", **FAST)
+    finally:
+        hook.remove()
+    assert calls == []  # refused before any model ran
+    with pytest.raises(ValueError, match="which this run reads"):
+        distilled.save(source / "pds", protected=[source])
+    assert not (source / "pds").exists()
+    assert datasets.load_from_disk(str(source)).num_rows == len(dataset)
+    # An empty path would be the current folder.
+    with pytest.raises(ValueError, match="output_dir must be a path \\(a non-empty string"):
+        pipe(dataset, budget=3, output_dir="", **FAST)
+    with pytest.raises(ValueError, match="The output folder is '' \\(empty\\)"):
+        distilled.save("")
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (errno.EROFS, r"cannot be written \(Read-only file system\), so the output folder .*/out cannot be made"),
+        (errno.ENOSPC, r"No space left on /.* to write .*/out \(\d+ MB free\)"),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(
+    pipe, dataset, tmp_path, monkeypatch, code, message
+):
+    (tmp_path / "parent").mkdir()
+    refuse_writes_in(monkeypatch, tmp_path / "parent", code)
+    calls = []
+    hook = pipe.image_encoder.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with pytest.raises(OSError, match=message):
+            pipe(dataset, budget=3, output_dir=tmp_path / "parent" / "out", **FAST)
+    finally:
+        hook.remove()
+    assert calls == []  # told before any model ran
+    assert list((tmp_path / "parent").iterdir()) == []
+
+
+def test_a_disk_that_fills_during_the_save_is_told_and_the_rerun_resumes(pipe, dataset, tmp_path, monkeypatch):
+    output = tmp_path / "out"
+
+    def full_disk(self, path, **kwargs):
+        Path(path).write_bytes(b"half a parquet file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(datasets.Dataset, "to_parquet", full_disk)
+        with pytest.raises(NoSpaceError) as full:
+            pipe(dataset, budget=3, output_dir=output, **FAST)
+    assert re.fullmatch(
+        rf"No space left on /.* to write {re.escape(str(output))} \(about \d+ MB needed, \d+ MB free\)\. Of this run, "
+        rf"the prototypes and 3 finished images are kept in {re.escape(str(tmp_path))}/\.out\.pds-run: running it "
+        r"again with the same arguments resumes it\.",
+        str(full.value),
+    ), full.value
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".out.pds-run"]  # no half-written output
+    decoded = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: decoded.append(1))
+    try:
+        resumed = pipe(dataset, budget=3, output_dir=output, **FAST)
+    finally:
+        hook.remove()
+    assert decoded == []  # every image came from the work folder
+    assert datasets.load_dataset(str(output), split="train")["caption"] == list(resumed.dataset["caption"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("repo_id", ["../x", "a/b/c", ""])
+def test_push_checks_the_repo_id_before_any_network_call(saved, distilled, hub, capsys, repo_id):
+    assert main(["push", str(saved), repo_id]) == 2
+    assert f"error: {repo_id!r} is not a Hub repo id: expected 'name' or 'namespace/name'" in error_line(capsys)
+    with pytest.raises(ValueError, match="is not a Hub repo id"):
+        push_folder(saved, repo_id, token=TOKEN)
+    with pytest.raises(ValueError, match="is not a Hub repo id"):
+        distilled.push_to_hub(repo_id, token=TOKEN)
+    assert hub == []

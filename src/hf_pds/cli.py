@@ -160,7 +160,8 @@ def _add_distill_options(distill: argparse.ArgumentParser) -> None:
     runtime.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the output folder if it exists (only an empty folder or an hf-pds output)",
+        help="replace the output folder if it exists (only an empty folder or one that holds nothing but an "
+        "hf-pds output)",
     )
     runtime.add_argument(
         "--fresh", action="store_true", help="discard an interrupted run into --output instead of resuming it"
@@ -313,7 +314,7 @@ def _distill(args: argparse.Namespace) -> Path:
     if args.pipeline is not None:
         check_pipeline_folder(args.pipeline)
     output = check_output_folder(
-        args.output or DEMO_OUTPUT,
+        DEMO_OUTPUT if args.output is None else args.output,
         args.overwrite,
         [_local(args.dataset), _local(args.pipeline), _local(args.cache_dir)],
     )

@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 
 from .card import card_files
-from .hub import push_folder, write_hub_folder
+from .hub import check_repo_id, push_folder, write_hub_folder
 from .prototypes import Prototypes
 from .synthesis import Generated
 
@@ -103,8 +103,13 @@ class PDSPipelineOutput:
         ``data/train-*.parquet``, which ``datasets.load_dataset(folder)`` loads back. Returns its path.
 
         The folder appears only when complete. ``overwrite=True`` replaces an existing folder only when it is
-        empty or was written by hf-pds, and never the current folder, one of its parents, or a folder in
-        ``protected`` (what the run read). ``repo_id`` only fills in the card's loading snippet.
+        empty or holds nothing but an hf-pds output, and never the current folder, one of its parents, or a folder
+        in ``protected`` (what the run read) or inside one. ``repo_id`` only fills in the card's loading snippet.
+
+        Raises:
+            FileExistsError, ValueError, PermissionError: the folder may not be written there (see
+                :func:`~hf_pds.hub.check_output_folder`); nothing was written.
+            NoSpaceError: the disk filled up; nothing was written.
         """
         card, images = card_files(self.dataset, self.prototypes, self.settings, self.provenance, repo_id)
         return write_hub_folder(
@@ -125,6 +130,7 @@ class PDSPipelineOutput:
         Writes the same folder as :meth:`save` into a temporary place and uploads it with
         :func:`push_folder`. The token (``token`` or the logged-in one) is never printed or written.
         """
+        check_repo_id(repo_id)  # before the folder is written
         with tempfile.TemporaryDirectory(prefix="hf-pds-push-") as staging:
             folder = self.save(Path(staging) / "dataset", repo_id=repo_id)
             return push_folder(folder, repo_id, private, token, revision, create_pr, commit_message)

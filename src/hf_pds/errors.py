@@ -1,8 +1,8 @@
 """How a command of ``hf-pds`` reports what a user got wrong: one line on stderr and exit code 2.
 
-Bad input, a dataset or pipeline that cannot be loaded, an output folder that may not be replaced, a Hub that
-refuses a push: each is a user's error, told in one line that names the problem. Anything else is a fault of
-hf-pds or of the machine, and keeps its traceback.
+Bad input, a dataset or pipeline that cannot be loaded, an output folder that may not be replaced, a full disk, a
+Hub that refuses a push: each is a user's error, told in one line that names the problem. Anything else is a fault
+of hf-pds or of the machine, and keeps its traceback.
 
 The messages are written for the Python API and name its arguments (``pass fresh=True``); a command tells them in
 its own words, with its options (``pass --fresh``): see :func:`command_line_message`.
@@ -10,12 +10,36 @@ its own words, with its options (``pass --fresh``): see :func:`command_line_mess
 
 from __future__ import annotations
 
+import errno
 import re
 import sys
 from collections.abc import Callable, Mapping
 
+
+class NoSpaceError(OSError):
+    """A disk is too full for what hf-pds writes (``errno.ENOSPC``); the message names the disk and the sizes."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self):  # pickled with its message alone (an error is broadcast between processes)
+        return type(self), (self.strerror,)
+
+
 # The errors hf-pds raises for a user's input, and those of the libraries it loads data and models with.
-USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, PermissionError, ConnectionError, ImportError)
+USER_ERRORS = (
+    ValueError,
+    TypeError,
+    FileExistsError,
+    FileNotFoundError,
+    PermissionError,
+    ConnectionError,
+    ImportError,
+    NoSpaceError,
+)
 
 # A value after ``name=``: quoted, a <placeholder>, or a word (a number, True, a name) that may end a sentence.
 _VALUE = r"""'[^']*'|"[^"]*"|<[^>]*>|[\w.+*-]*\w"""

@@ -4,14 +4,17 @@ folders (Parquet shards, ``configs``, ``dataset_info``), pushing one, and loadin
 Everything hf-pds writes goes through here. A file is written beside its target and renamed into place; a folder
 is built in a staging folder beside its target and moved into place when complete, so an interruption never
 leaves a half-written output. An output folder carries :data:`OUTPUT_MARK` in its Markdown file: hf-pds replaces
-a folder (``overwrite=True``) only when it is empty or carries the mark, and never the current folder, one of its
-parents, or a folder the run reads from.
+a folder (``overwrite=True``) only when it is empty, or carries the mark and holds nothing but files hf-pds writes
+(:data:`OUTPUT_FILES`, Parquet shards in ``data/``); never the current folder, one of its parents, or a folder the
+run reads from. A disk that fills up is reported as :class:`~hf_pds.errors.NoSpaceError`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -19,6 +22,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .errors import NoSpaceError
 
 if TYPE_CHECKING:
     import datasets
@@ -28,6 +33,18 @@ OUTPUT_MARK = "<!-- Written by hf-pds. `overwrite=True` (CLI: --overwrite) may r
 # Inside a staging folder while it is being written: who writes it, so that leftovers of a dead run are cleaned.
 _STAGING_OWNER = ".hf-pds-staging.json"
 DEFAULT_MAX_SHARD_BYTES = 500 * 2**20
+# Every file hf-pds writes at the top of an output folder: a distilled set's card and figures (card.py) and an
+# evaluation's report (evaluation/report.py). With Parquet shards in data/, that is all that ``overwrite=True``
+# replaces: a folder that holds anything else is refused, so that no file of the user's is ever deleted.
+OUTPUT_FILES = frozenset(
+    {"README.md", "preview.png", "stats.png", "fidelity.png", "results.md", "results.json", "recall_vs_budget.png"}
+)
+DATA_FOLDER = "data"
+_SHARD = re.compile(r"[\w.-]+-\d{5}-of-\d{5}\.parquet")  # as write_parquet_shards names them
+# How many entries of the user's a refusal names.
+_SHOWN_ENTRIES = 5
+# errno values of a full disk (EDQUOT: a quota that is used up).
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def hf_pds_version() -> str:
@@ -47,8 +64,30 @@ def write_atomically(path: str | os.PathLike, data: bytes) -> None:
     try:
         partial.write_bytes(data)
         os.replace(partial, path)
+    except OSError as error:
+        if error.errno in _NO_SPACE and not isinstance(error, NoSpaceError):
+            raise no_space_error(path, len(data)) from error
+        raise
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _disk(path: Path) -> Path:
+    """The mount point of the file system that holds ``path`` (or would hold it: its nearest existing parent)."""
+    path = _existing_parent(path.resolve())
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def no_space_error(path: str | os.PathLike, needed: int | None = None) -> NoSpaceError:
+    """The one-line error of a disk too full to write ``path``: which disk, how much is needed (``needed`` bytes)
+    and how much is free."""
+    path = Path(path)
+    disk = _disk(path)
+    free = f"{shutil.disk_usage(disk).free / 1e6:.0f} MB free"
+    amounts = f"about {max(1, round(needed / 1e6))} MB needed, {free}" if needed is not None else free
+    return NoSpaceError(f"No space left on {disk} to write {path} ({amounts}).")
 
 
 def is_hf_pds_output(folder: str | os.PathLike) -> bool:
@@ -67,37 +106,122 @@ def with_output_mark(markdown: str) -> str:
     return markdown if OUTPUT_MARK in markdown else markdown.rstrip("\n") + "\n\n" + OUTPUT_MARK + "\n"
 
 
+def foreign_entries(folder: str | os.PathLike) -> list[str]:
+    """The entries of an existing folder that hf-pds did not write, sorted (a folder's name ends with ``/``): all of
+    them in a folder without :data:`OUTPUT_MARK`, else any but :data:`OUTPUT_FILES` and the shards in ``data/``."""
+    folder = Path(folder)
+    entries = sorted(folder.iterdir())
+    if not is_hf_pds_output(folder):
+        return [_entry_name(entry, folder) for entry in entries]
+    foreign = []
+    for entry in entries:
+        if entry.name == DATA_FOLDER and entry.is_dir() and not entry.is_symlink():
+            foreign += [
+                _entry_name(shard, folder)
+                for shard in sorted(entry.iterdir())
+                if not (_SHARD.fullmatch(shard.name) and shard.is_file() and not shard.is_symlink())
+            ]
+        elif entry.name not in OUTPUT_FILES or not entry.is_file() or entry.is_symlink():
+            foreign.append(_entry_name(entry, folder))
+    return foreign
+
+
+def _entry_name(path: Path, folder: Path) -> str:
+    name = path.relative_to(folder).as_posix()
+    return f"{name}/" if path.is_dir() and not path.is_symlink() else name
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_writable(folder: Path) -> None:
+    """Raise unless a file can be made where ``folder`` goes: a probe file is created in its nearest existing parent
+    and removed, so that a read-only or full disk is told before any work, not after it."""
+    parent = _existing_parent(folder.parent)
+    if not parent.is_dir():
+        raise ValueError(f"{parent} is a file, so the output folder {folder} cannot be made. Choose another one.")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".hf-pds-probe-", dir=parent)
+        try:
+            os.write(handle, b"\0")  # a full disk makes the empty file but refuses its first byte
+        finally:
+            os.close(handle)
+            os.unlink(probe)
+    except OSError as error:
+        if error.errno in _NO_SPACE:
+            raise no_space_error(folder) from error
+        raise PermissionError(
+            f"{parent} cannot be written ({error.strerror or error}), so the output folder {folder} cannot be made "
+            "there. Choose another output folder."
+        ) from error
+
+
 def check_output_folder(
     folder: str | os.PathLike, overwrite: bool, protected: Iterable[str | os.PathLike | None] = ()
 ) -> Path:
     """The absolute path of an output folder that may be written; raises before anything is written otherwise.
 
+    ``overwrite=True`` replaces an empty folder, or an hf-pds output that holds nothing else (see
+    :func:`foreign_entries`). A git clone of a published set is refused like any folder with other files: the way
+    to update the set is to push a new folder.
+
     Raises:
+        ValueError: ``folder`` is empty (``''``), or inside a folder in ``protected`` (what the run reads: an output
+            there would change it), or its parent is a file.
         FileExistsError: ``folder`` exists and ``overwrite`` is False; or it is not a folder; or it holds files
             that hf-pds did not write; or it is the current folder, one of its parents, the home folder, or a
-            folder in ``protected`` (what the run reads) or one of their parents.
+            folder in ``protected`` or one of their parents.
+        PermissionError: nothing can be written where ``folder`` goes (a read-only folder or file system).
+        NoSpaceError: the disk where ``folder`` goes is full.
     """
+    if not os.fspath(folder).strip():  # Path("") is the current folder
+        raise ValueError("The output folder is '' (empty): name the folder to write.")
     folder = Path(folder).expanduser().resolve()
-    if not folder.exists() and not folder.is_symlink():
-        return folder
-    if not overwrite:
-        raise FileExistsError(f"{folder} already exists; pass overwrite=True to replace it.")
-    if not folder.is_dir():
-        raise FileExistsError(f"{folder} exists and is not a folder: hf-pds will not replace it.")
-    guarded = [Path.cwd(), Path.home(), *(Path(path) for path in protected if path is not None)]
-    for path in guarded:
-        path = path.expanduser().resolve()
+    read = [Path(path).expanduser().resolve() for path in protected if path is not None]
+    for path in (Path.cwd(), Path.home(), *read):
         if folder == path or folder in path.parents:
             raise FileExistsError(
                 f"{folder} is {'' if folder == path else 'a parent of '}{path}, which this run uses or runs in: "
                 "hf-pds will not replace it. Choose another output folder."
             )
-    if any(folder.iterdir()) and not is_hf_pds_output(folder):
-        raise FileExistsError(
-            f"{folder} holds files that hf-pds did not write: hf-pds replaces only empty folders and its own "
-            "outputs. Choose another output folder, or move the files away."
-        )
+    for path in read:
+        if path in folder.parents:
+            raise ValueError(
+                f"The output folder {folder} is inside {path}, which this run reads: writing there would change "
+                "what it reads (a dataset folder would load the distilled shards as its own). Choose an output "
+                "folder outside it."
+            )
+    if folder.exists() or folder.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{folder} already exists; pass overwrite=True to replace it.")
+        if not folder.is_dir():
+            raise FileExistsError(f"{folder} exists and is not a folder: hf-pds will not replace it.")
+        foreign = foreign_entries(folder)
+        if foreign:
+            raise FileExistsError(_foreign_message(folder, foreign))
+    _check_writable(folder)
     return folder
+
+
+def _foreign_message(folder: Path, foreign: list[str]) -> str:
+    shown = ", ".join(foreign[:_SHOWN_ENTRIES])
+    if len(foreign) > _SHOWN_ENTRIES:
+        shown += f" and {len(foreign) - _SHOWN_ENTRIES} more"
+    message = (
+        f"{folder} holds files that hf-pds did not write ({shown}): overwrite replaces only an empty folder or one "
+        "that holds nothing but hf-pds's own output, and never deletes another file. Choose another output folder, "
+        "or move those away."
+    )
+    if ".git/" in foreign or ".git" in foreign:
+        message += (
+            " It is a git clone: to update the set it holds, save into a new folder, upload that with "
+            "`hf-pds push NEW_FOLDER REPO_ID` (in Python: push_to_hub), which replaces the data shards in the repo, "
+            "then `git pull` in the clone."
+        )
+    return message
 
 
 def _owner_alive(owner: dict) -> bool:
@@ -116,7 +240,12 @@ def _owner_alive(owner: dict) -> bool:
 def _new_staging(target: Path, suffix: str) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent))
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "target": str(target)}
-    (folder / _STAGING_OWNER).write_text(json.dumps(owner), encoding="utf-8")
+    try:
+        (folder / _STAGING_OWNER).write_text(json.dumps(owner), encoding="utf-8")
+    except BaseException:
+        # Without its owner file no later save would know the folder as hf-pds's: remove it now (a full disk).
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return folder
 
 
@@ -147,10 +276,10 @@ def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(target)
     staging = _new_staging(target, ".partial")
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should not be
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should not be
         yield staging
         (staging / _STAGING_OWNER).unlink()
         if target.exists() or target.is_symlink():
@@ -252,21 +381,51 @@ def write_hub_folder(
 
     The folder is built beside its target and moved into place when complete (:func:`staged_folder`), and an
     existing folder is replaced only as :func:`check_output_folder` allows.
+
+    Raises:
+        NoSpaceError: the disk filled up; nothing was written, and the message says how much is needed.
     """
     folder = check_output_folder(folder, overwrite, protected)
-    with staged_folder(folder) as staging:
-        (staging / "data").mkdir()
-        shards = {
-            split: write_parquet_shards(data, staging / "data", split, max_shard_bytes)
-            for split, data in splits.items()
-        }
-        readme = with_output_mark(with_dataset_info(card, splits, shards))
-        (staging / "README.md").write_text(readme, encoding="utf-8")
-        for relative_path, content in (extra_files or {}).items():
-            target = staging / relative_path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(content)
+    try:
+        with staged_folder(folder) as staging:
+            (staging / DATA_FOLDER).mkdir()
+            shards = {
+                split: write_parquet_shards(data, staging / DATA_FOLDER, split, max_shard_bytes)
+                for split, data in splits.items()
+            }
+            readme = with_output_mark(with_dataset_info(card, splits, shards))
+            (staging / "README.md").write_text(readme, encoding="utf-8")
+            for relative_path, content in (extra_files or {}).items():
+                target = staging / relative_path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content)
+    except OSError as error:
+        if error.errno not in _NO_SPACE or isinstance(error, NoSpaceError):
+            raise
+        needed = sum(map(_estimated_bytes, splits.values())) + sum(map(len, (extra_files or {}).values()))
+        raise no_space_error(folder, needed) from error
     return folder
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` when it is a valid Hub repo id (``name`` or ``namespace/name``); checked here, before any network
+    call, so that a typo never reaches the Hub.
+
+    Raises:
+        ValueError: it is not; the message names it and what a repo id looks like.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        if not isinstance(repo_id, str):
+            raise HFValidationError(f"got a {type(repo_id).__name__}")
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(
+            f"{repo_id!r} is not a Hub repo id: expected 'name' or 'namespace/name', each made of letters, digits, "
+            f"'-', '_' and '.' (huggingface_hub says: {error})"
+        ) from None
+    return repo_id
 
 
 def push_folder(
@@ -286,12 +445,13 @@ def push_folder(
     The token is never printed, logged or written.
 
     Raises:
-        ValueError: ``folder`` is not a Hub-layout dataset folder.
+        ValueError: ``repo_id`` is not a Hub repo id, or ``folder`` is not a Hub-layout dataset folder.
         PermissionError: no token.
         ConnectionError: offline, or the Hub cannot be reached, refuses the token or fails the upload.
     """
     from huggingface_hub import HfApi, constants, get_token
 
+    check_repo_id(repo_id)
     folder = Path(folder)
     if not (folder / "README.md").is_file() or not list(folder.glob("data/*.parquet")):
         raise ValueError(f"{folder} is not a Hub-layout dataset folder: it needs README.md and data/*.parquet.")

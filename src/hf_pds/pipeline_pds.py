@@ -96,8 +96,9 @@ def _flag(name: str, value) -> bool:
 
 
 def _optional_path(name: str, value) -> Path | None:
-    if value is not None and not isinstance(value, (str, os.PathLike)):
-        raise ValueError(f"{name} must be a path (a string or os.PathLike) or None, got {value!r}.")
+    if value is not None and not (isinstance(value, (str, os.PathLike)) and os.fspath(value).strip()):
+        # Path("") would be the current folder.
+        raise ValueError(f"{name} must be a path (a non-empty string or os.PathLike) or None, got {value!r}.")
     return None if value is None else Path(value).expanduser()
 
 
@@ -519,8 +520,9 @@ class PDSPipeline(DiffusionPipeline):
                 an interruption (even SIGKILL) makes only the missing ones. The folder appears when complete. A
                 second run into the same folder while this one is alive is refused. Ctrl-C raises
                 `hf_pds.run_state.RunInterrupted` (a `KeyboardInterrupt`), whose message says what was kept.
-            overwrite (`bool`, defaults to `False`): replace an existing `output_dir`, which must be empty or an
-                hf-pds output (never the current folder, one of its parents, or a folder the run reads).
+            overwrite (`bool`, defaults to `False`): replace an existing `output_dir`, which must be empty or hold
+                nothing but an hf-pds output (never the current folder, one of its parents, or a folder the run
+                reads; an `output_dir` inside a folder the run reads is refused either way).
             fresh (`bool`, defaults to `False`): discard an interrupted run into `output_dir` instead of resuming it
                 (resuming with other arguments is refused).
             cache_dir (`str`, *optional*): embedding cache folder; defaults to `embeddings/` in `$HF_PDS_CACHE` or

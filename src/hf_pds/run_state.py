@@ -31,6 +31,7 @@ from pathlib import Path
 import PIL.Image
 
 from .distributed import SINGLE_PROCESS, broadcast
+from .errors import NoSpaceError
 from .hub import write_atomically
 from .prototypes import Prototypes
 from .synthesis import Generated
@@ -272,5 +273,7 @@ def open_run(
         yield run
     except KeyboardInterrupt as interrupt:
         raise RunInterrupted(run.kept()) from interrupt
+    except NoSpaceError as error:  # a full disk: say what a rerun keeps
+        raise NoSpaceError(f"{error} Of this run, {run.kept()}") from error
     finally:
         run.close(state)

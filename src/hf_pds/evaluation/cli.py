@@ -104,7 +104,8 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     runtime.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the output folder if it exists (only an empty folder or an hf-pds output)",
+        help="replace the output folder if it exists (only an empty folder or one that holds nothing but an "
+        "hf-pds output)",
     )
     return parser
 
