@@ -207,7 +207,7 @@ def dataset_identity(dataset, pairs: PairTable | None) -> str | None:
 def _stream_identity(stream) -> dict | None:
     """What an ``IterableDataset`` reads, from its iterables, before it is read (see :func:`dataset_identity`)."""
     steps = []
-    source = stream._ex_iterable
+    source = getattr(stream, "_ex_iterable", None)  # datasets' internals: a release without them gives no identity
     while hasattr(source, "ex_iterable"):  # a step over another stream
         settings = _plain({key: value for key, value in vars(source).items() if not key.startswith("_")}, "ex_iterable")
         if settings is _UNKNOWN:
