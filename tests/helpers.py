@@ -139,3 +139,28 @@ def error_line(capsys) -> str:
     lines = [line for line in err.splitlines() if line.startswith("hf-pds ")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def write_image_files(folder: Path, n_images: int = 8) -> Path:
+    """PNG files and a CSV of their paths with a caption each (its ``image`` column holds paths); returns the CSV.
+    The PNGs are stored uncompressed, so that new pixels keep a file's size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for index in range(n_images):
+        path = folder / f"{index}.png"
+        PIL.Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(path, compress_level=0)
+        rows.append(f"{path},a picture of thing {index % 4}")
+    table = folder / "pairs.csv"
+    table.write_text("image,caption\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return table
+
+
+def repaint(path: Path, seed: int = 1) -> None:
+    """New pixels in an image file of :func:`write_image_files`, at the same path, with the same size and the same
+    modification time (as a copy that keeps times, ``cp -p`` or ``rsync -a``, leaves them)."""
+    before = path.stat()
+    pixels = np.random.default_rng(seed).integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    PIL.Image.fromarray(pixels).save(path, compress_level=0)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns

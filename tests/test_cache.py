@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers import FAST, count_clip_calls
+from helpers import FAST, count_clip_calls, repaint, write_image_files
 from hf_pds.testing import tiny_pds_pipeline
 
 
@@ -125,3 +125,27 @@ def test_a_full_cache_disk_leaves_no_staging_folder_behind(pipe, dataset, tmp_pa
     pipe(dataset, budget=3, cache_dir=cache, **FAST)
     (entry,) = cache.iterdir()
     assert not entry.name.startswith(".") and (entry / "manifest.json").is_file()
+
+
+def test_an_image_file_replaced_under_the_same_path_is_embedded_again(pipe, tmp_path, caplog):
+    import datasets
+
+    table = write_image_files(tmp_path / "images")
+    cache = tmp_path / "cache"
+    pipe(datasets.load_dataset("csv", data_files=str(table), split="train"), budget=3, cache_dir=cache, **FAST)
+    repaint(tmp_path / "images" / "2.png")  # same path, size and modification time; other pixels
+    source = datasets.load_dataset("csv", data_files=str(table), split="train")  # the same CSV, so the same fingerprint
+    calls, hooks = count_clip_calls(pipe)
+    try:
+        with caplog.at_level(logging.INFO, logger="hf_pds.cache"):
+            again = pipe(source, budget=3, cache_dir=cache, **FAST)
+        assert calls, "the new pixels must be embedded"
+        assert "Loaded embeddings from the cache" not in caplog.text
+        calls.clear()
+        pipe(source, budget=3, cache_dir=cache, **FAST)
+        assert calls == [], "unchanged files: the cache is used"
+    finally:
+        for hook in hooks:
+            hook.remove()
+    uncached = pipe(source, budget=3, use_cache=False, **FAST)
+    np.testing.assert_array_equal(again.prototypes.image_prototypes, uncached.prototypes.image_prototypes)

@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from helpers import mixed_dataset
+from helpers import mixed_dataset, repaint, write_image_files
 from hf_pds.pairs import image_problem, read_pairs, to_rgb
 from hf_pds.pairs import read_pairs as collect_captions
 
@@ -161,6 +161,16 @@ def test_paths_and_bytes_columns_are_images(tmp_path):
     )
     with pytest.raises(ValueError, match=r"Row 1: column 'image' points to .*gone\.png, which does not exist"):
         read_pairs(missing)
+
+
+def test_the_pairs_of_image_paths_carry_a_digest_of_the_files_content(tmp_path):
+    table = write_image_files(tmp_path / "images", n_images=3)
+    source = datasets.load_dataset("csv", data_files=str(table), split="train")
+    before = read_pairs(source).image_files
+    assert before is not None and read_pairs(source).image_files == before
+    repaint(tmp_path / "images" / "1.png")  # same path, size and modification time; other pixels
+    assert read_pairs(source, check_images=False).image_files not in (None, before)
+    assert read_pairs(mixed_dataset(3)).image_files is None  # the bytes are in the table: its fingerprint covers them
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,47 @@
 """Resumable runs: a crash or a kill resumes with the missing images only; other arguments are refused; one live
 run per output; a run that fails before its prototypes leaves nothing behind."""
 
+import logging
 import signal
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 
 import datasets
+import numpy as np
 import pytest
 
-from helpers import FAST, cli, crash_encoding_after, distill_arguments, folder_bytes
+from helpers import (
+    FAST,
+    cli,
+    count_clip_calls,
+    crash_encoding_after,
+    distill_arguments,
+    folder_bytes,
+    mixed_dataset,
+    repaint,
+    write_image_files,
+)
+
+
+@contextmanager
+def live_run_into(output):
+    """Another process, alive for the block, that holds the lock of a run into ``output``."""
+    code = (
+        "import sys; from hf_pds.run_state import RunState; run = RunState(sys.argv[1]); run.open({'budget': 3}); "
+        "print('holding', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(output)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        yield holder
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=120)
+        holder.stdout.close()
 
 
 def test_a_crashed_run_resumes_with_the_missing_images_only(pipe, dataset, tmp_path, monkeypatch):
@@ -71,22 +105,43 @@ def test_kill_and_resume_equals_an_uninterrupted_run(saved_inputs, tmp_path):
     assert refused.wait(timeout=120) == 0  # a finished run leaves no state: --overwrite starts a new one
 
 
-def test_a_second_live_run_into_the_same_output_is_refused_at_once(pipe, dataset, tmp_path):
-    from hf_pds.run_state import RunInProgressError, RunState
+def test_a_second_live_run_is_refused_before_any_image_is_checked(pipe, dataset, tmp_path):
+    from hf_pds.run_state import RunInProgressError
 
-    holder = RunState(tmp_path / "out")
-    holder.open({"budget": 3})
-    calls = []
-    hook = pipe.image_encoder.register_forward_pre_hook(lambda module, args: calls.append(1))
+    cells = list(dataset.cast_column("image", datasets.Image(decode=False))["image"])
+    cells[3] = {"bytes": b"not an image", "path": None}  # checking the images would fail on it
+    broken = datasets.Dataset.from_dict({"image": cells, "caption": dataset["caption"]}, features=dataset.features)
+    calls, hooks = count_clip_calls(pipe)
     try:
-        with pytest.raises(RunInProgressError, match=r"Another run is writing .*out \(pid \d+ on .*\): wait for it"):
-            pipe(dataset, budget=3, output_dir=tmp_path / "out", **FAST)
+        with (
+            live_run_into(tmp_path / "out"),
+            pytest.raises(RunInProgressError, match=r"Another run is writing .*out \(pid \d+ on .*\): wait for it"),
+        ):
+            pipe(broken, budget=3, output_dir=tmp_path / "out", **FAST)
         assert calls == []
     finally:
-        hook.remove()
-        holder.close()
+        for hook in hooks:
+            hook.remove()
     out = pipe(dataset, budget=3, output_dir=tmp_path / "out", **FAST)  # the lock is free once its run ends
     assert out.dataset.num_rows == 3 and not (tmp_path / ".out.pds-run").exists()
+
+
+def test_the_command_line_refuses_a_second_run_before_loading_the_dataset_or_the_pipeline(tmp_path):
+    unloadable = tmp_path / "pipe"  # a pipeline folder that passes the cheap checks and fails to load
+    unloadable.mkdir()
+    (unloadable / "model_index.json").write_text('{"_class_name": "PDSPipeline"}')
+    (tmp_path / "no-data").mkdir()  # a dataset folder that fails to load
+    with live_run_into(tmp_path / "out"):
+        second = cli(
+            "distill",
+            "--dataset", str(tmp_path / "no-data"),
+            "--pipeline", str(unloadable),
+            "--output", str(tmp_path / "out"),
+            "--device", "cpu",
+        )  # fmt: skip
+        output = second.communicate(timeout=600)[0]
+    assert second.returncode == 2, output
+    assert "hf-pds distill: error: Another run is writing" in output and "cannot load" not in output
 
 
 def test_the_lock_of_a_dead_run_is_taken_over(pipe, dataset, tmp_path, caplog):
@@ -126,3 +181,57 @@ def test_only_a_real_interruption_is_resumable_and_called_interrupted(pipe, data
     ):
         pipe(dataset, budget=3, output_dir=tmp_path / "out", **FAST)
     assert pipe(dataset, budget=4, output_dir=tmp_path / "out", **FAST).dataset.num_rows == 4
+
+
+def test_a_run_whose_image_files_changed_since_it_was_interrupted_is_not_resumed(pipe, tmp_path, monkeypatch):
+    table = write_image_files(tmp_path / "images")
+
+    def source():
+        return datasets.load_dataset("csv", data_files=str(table), split="train")
+
+    crash_encoding_after(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="went down"):
+        pipe(source(), budget=4, output_dir=tmp_path / "out", **FAST)
+    crash_encoding_after(monkeypatch, None)
+    repaint(tmp_path / "images" / "1.png")  # same path, size and modification time; other pixels
+    with pytest.raises(
+        ValueError,
+        match=r"other arguments \(dataset: not the data it read \(another dataset, or its files changed since\)\)"
+        r".*fresh=True to discard it\.",
+    ):
+        pipe(source(), budget=4, output_dir=tmp_path / "out", **FAST)
+    out = pipe(source(), budget=4, output_dir=tmp_path / "out", fresh=True, **FAST)
+    uninterrupted = pipe(source(), budget=4, use_cache=False, **FAST)
+    np.testing.assert_array_equal(out.prototypes.image_prototypes, uninterrupted.prototypes.image_prototypes)
+
+
+def test_an_interrupted_stream_is_resumed_by_the_same_stream_only(pipe, dataset, tmp_path, monkeypatch, caplog):
+    dataset.to_parquet(tmp_path / "a" / "train.parquet")
+    mixed_dataset(10, seed=1).to_parquet(tmp_path / "b" / "train.parquet")
+
+    def stream(name):
+        return datasets.load_dataset(str(tmp_path / name), split="train", streaming=True)
+
+    crash_encoding_after(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="went down"):
+        pipe(stream("a"), budget=4, output_dir=tmp_path / "out", **FAST)
+    made = crash_encoding_after(monkeypatch, None)
+    with pytest.raises(ValueError, match=r"dataset: not the data it read \(another dataset"):
+        pipe(stream("b"), budget=4, output_dir=tmp_path / "out", **FAST)
+    resumed = pipe(stream("a"), budget=4, output_dir=tmp_path / "out", **FAST)
+    assert len(made) == 2  # the same stream resumes: only the missing images are made
+    whole = pipe(stream("a"), budget=4, **FAST)
+    np.testing.assert_array_equal(resumed.prototypes.image_prototypes, whole.prototypes.image_prototypes)
+
+    # A stream made by a function has no identity: what it reads is unknown until it is read, so it never resumes.
+    crash_encoding_after(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="went down"):
+        pipe(stream("a").map(lambda row: row), budget=4, output_dir=tmp_path / "mapped", **FAST)
+    made = crash_encoding_after(monkeypatch, None)
+    with caplog.at_level(logging.WARNING, logger="hf_pds.run_state"):
+        other = pipe(stream("b").map(lambda row: row), budget=4, output_dir=tmp_path / "mapped", **FAST)
+    assert "has no identity" in caplog.text and "it is not resumed; starting afresh" in caplog.text
+    assert len(made) == 4
+    np.testing.assert_array_equal(
+        other.prototypes.image_prototypes, pipe(stream("b"), budget=4, **FAST).prototypes.image_prototypes
+    )

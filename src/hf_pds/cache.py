@@ -4,8 +4,9 @@ One home holds every cache of hf-pds: ``$HF_PDS_CACHE``, else ``hf_pds`` under t
 (``~/.cache/huggingface/hf_pds``). The embeddings live in ``embeddings/``, the evaluation's frozen features in
 ``features/``.
 
-An embedding entry is keyed by what changes the embeddings: the dataset's fingerprint, the columns, the row
-policy, and the CLIP towers (class, name, config, dtype and a sample of their weights) with their pre-processing.
+An embedding entry is keyed by what changes the embeddings: the dataset (its fingerprint, and the content of the
+image files its cells point to, which the fingerprint does not cover), the columns, the row policy, and the CLIP
+towers (class, name, config, dtype and a sample of their weights) with their pre-processing.
 It is a folder of ``.npy`` arrays (read memory-mapped), JSON lists, and a manifest with a SHA-256 of every file,
 built in a staging folder and moved into place. A partial or corrupt entry is detected by its manifest and
 recomputed, never used. A cache folder that cannot be used (not writable, a file, a full disk) costs a warning,
@@ -144,7 +145,7 @@ class EmbeddingCache:
         self.folder = Path(folder).expanduser() if folder is not None else embeddings_cache_dir()
 
     def key(self, source: dict, towers) -> str:
-        """The entry name of embeddings of ``source`` (dataset fingerprint, columns, row policy) made by
+        """The entry name of embeddings of ``source`` (dataset identity, columns, row policy) made by
         ``towers``: a SHA-256 of their canonical description."""
         description = {"format": CACHE_FORMAT, **source, "towers": towers_description(towers)}
         canonical = json.dumps(description, sort_keys=True, default=str)

@@ -282,9 +282,10 @@ def _distill(args: argparse.Namespace) -> Path:
     import torch
 
     from .distributed import process_state
-    from .hub import check_output_folder, load_source_dataset
-    from .pipeline_pds import PDSPipeline, check_generation_settings, check_pipeline_folder
+    from .hub import check_output_folder
+    from .pipeline_pds import check_generation_settings, check_pipeline_folder
     from .prototypes import check_budget, check_prune_ratio, check_seed, resolve_kmeans_backend
+    from .run_state import hold_run
 
     demo = args.dataset is None
     budget = args.budget if args.budget is not None else (DEMO_SETTINGS["budget"] if demo else DEFAULT_BUDGET)
@@ -325,7 +326,23 @@ def _distill(args: argparse.Namespace) -> Path:
     device = _device(args.device, state)
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
 
-    # 2. Load the dataset and the pipeline.
+    # 2. Lock the output before anything is loaded: a second run into it is refused at once, not once the dataset
+    #    and the pipeline have loaded and every image has been checked. The pipeline's run takes over this lock.
+    with hold_run(output, state):
+        return _load_and_distill(args, output, state, device, dtype, budget, steps)
+
+
+def _load_and_distill(args: argparse.Namespace, output: Path, state, device: str, dtype, budget: int, steps) -> Path:
+    """Steps 3 and 4 of :func:`_distill`, checked arguments in hand."""
+    import torch
+
+    from .hub import load_source_dataset
+    from .pipeline_pds import PDSPipeline
+
+    demo = args.dataset is None
+    say = print if state.is_main_process else (lambda *_: None)
+
+    # 3. Load the dataset and the pipeline.
     if demo:
         from .testing import digits_dataset
 
@@ -354,7 +371,7 @@ def _distill(args: argparse.Namespace) -> Path:
             raise ValueError(f"cannot load the pipeline {name}: {type(error).__name__}: {error}") from error
     pipeline = pipeline.to(device)
 
-    # 3. Distill.
+    # 4. Distill.
     started = time.perf_counter()
     # The options named as the pipeline's keyword arguments go through as they are.
     parameters = inspect.signature(PDSPipeline.__call__).parameters.values()

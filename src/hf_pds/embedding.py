@@ -20,7 +20,15 @@ from tqdm.auto import tqdm
 
 from .cache import EmbeddingCache
 from .distributed import SINGLE_PROCESS, aligned_batches, broadcast, gather_rows
-from .pairs import PairTable, caption_problem, captions_of, decode_rgb, report_problems, undecoded_cells
+from .pairs import (
+    PairTable,
+    caption_problem,
+    captions_of,
+    dataset_identity,
+    decode_rgb,
+    report_problems,
+    undecoded_cells,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +79,9 @@ def embed(
     """Embed ``dataset``: its ``pairs`` (a map-style dataset, checked by :func:`hf_pds.pairs.read_pairs`) or, with
     ``pairs=None``, a stream read once by the main process. Every process gets the embeddings.
 
-    With a ``cache``, a map-style dataset's embeddings are read from it when the same dataset, columns, row policy
-    and towers were embedded before, and written to it otherwise. ``workers`` threads decode a map-style dataset's
+    With a ``cache``, a map-style dataset's embeddings are read from it when the same dataset (its table and the
+    content of the image files it points to: :func:`hf_pds.pairs.dataset_identity`), columns, row policy and towers
+    were embedded before, and written to it otherwise. ``workers`` threads decode a map-style dataset's
     images ahead of the encoder (a stream is read one batch at a time).
     """
     progress = progress and state.is_main_process
@@ -86,7 +95,7 @@ def embed(
     key = None
     if cache is not None:
         source = {
-            "dataset": dataset._fingerprint,
+            "dataset": dataset_identity(dataset, pairs),  # its table and the image files its cells point to
             "image_column": image_column,
             "caption_column": caption_column,
             "skip_invalid_rows": skip_invalid_rows,

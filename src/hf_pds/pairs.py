@@ -2,14 +2,17 @@
 
 A row of a dataset is one image with one caption (a string) or several (a list of strings); each caption
 makes one pair with its row's image. This module checks the two columns, lists the pairs of a dataset,
-checks that every image can be decoded, and converts any decoded image to RGB. Distilling and evaluating
-both read their data through it, so they see the same pairs and the same pixels.
+checks that every image can be decoded, tells a dataset's data from another's (:func:`dataset_identity`), and
+converts any decoded image to RGB. Distilling and evaluating both read their data through it, so they see the
+same pairs and the same pixels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -36,6 +39,9 @@ class PairTable:
         skipped_rows: dataset rows left out as unusable (``skip_invalid_rows``).
         distinct_images: how many different images ``rows`` hold: rows whose image bytes are identical (the same
             file, or two copies of it) count once, since k-means cannot tell them apart.
+        image_files: a SHA-256 of the content of every local file the image column points to (with its row and
+            path), or None when no cell is a path. A dataset's fingerprint covers its table, so the paths but not
+            the files: this is what tells that an image file was replaced.
     """
 
     rows: np.ndarray
@@ -43,6 +49,7 @@ class PairTable:
     caption_image: np.ndarray
     skipped_rows: list[int]
     distinct_images: int
+    image_files: str | None = None
 
 
 def caption_problem(value) -> str | None:
@@ -124,7 +131,9 @@ def read_pairs(
     """Check the two columns of a map-style ``dataset`` and list its pairs, before any model runs.
 
     Every caption cell is checked, and (``check_images``) every image cell is checked to decode: its
-    headers are read and its data verified (:func:`image_problem`), which costs much less than decoding.
+    headers are read and its data verified (:func:`image_problem`), which costs much less than decoding. The
+    local files that the image cells point to are read (even without ``check_images``) and hashed into the table's
+    ``image_files``.
 
     Raises:
         ValueError: a column is missing or of the wrong type, or (unless ``skip_invalid_rows``) a row has no
@@ -146,16 +155,25 @@ def read_pairs(
             problems[row] = f"column {caption_column!r} {problem}"
     cells = undecoded_cells(dataset, image_column)
     bar = tqdm(cells, total=len(dataset), desc="Checking images", unit="img", disable=not (progress and check_images))
+    # The files that path cells point to are read here anyway: one SHA-256 of each image's bytes tells identical
+    # images apart (the budget counts distinct images) and, for files, a replaced file from the one that was
+    # embedded (the cache key). Hashing adds 8-25% to the check (benchmarks/cache_key.py) and, unlike a size and a
+    # modification time, cannot miss a replaced file.
     images: dict[int, bytes | str | int] = {}  # row -> what tells its image apart from the others
+    files, has_files = hashlib.sha256(), False
     for row, cell in enumerate(bar):
-        if check_images:
-            data, problem = _checked_image(cell)
-        else:
-            data, problem = None, "has no image" if _is_empty(cell) else None
+        data, problem = _image_bytes(cell)
+        if problem is None and data is not None and check_images:
+            problem = _data_problem(data, _where(cell))
+        identity = _image_identity(cell, data, row)
+        path = _local_file(cell)
+        if path is not None:
+            has_files = True
+            files.update(f"{row}\0{path}\0{problem or identity.hex()}\0".encode())
         if problem is not None:
             problems.setdefault(row, f"column {image_column!r} {problem}")
         else:
-            images[row] = _image_identity(cell, data, row)
+            images[row] = identity
     report_problems(problems, len(dataset), skip_invalid_rows)
 
     rows, captions, caption_image = [], [], []
@@ -174,7 +192,106 @@ def read_pairs(
         caption_image=np.asarray(caption_image, dtype=np.int64),
         skipped_rows=sorted(problems),
         distinct_images=len({images[row] for row in rows}),
+        image_files=files.hexdigest() if has_files else None,
     )
+
+
+def dataset_identity(dataset, pairs: PairTable | None) -> str | None:
+    """A SHA-256 that tells the data of ``dataset`` from any other, known before it is embedded: the embedding
+    cache's key and what a resumed run must share with the interrupted one.
+
+    A map-style dataset: its fingerprint (its table) and the ``image_files`` digest of its ``pairs`` (the files its
+    cells point to). A stream has no fingerprint: its source (builder, config, data files with their size and
+    modification time, or the fingerprints of the datasets it streams) and the steps over it (take, skip,
+    select_columns). None when that cannot be known: a stream made by a function (``from_generator``, ``map``,
+    ``filter``) or shuffled, whose rows hf-pds cannot tell from another's before reading them.
+    """
+    if pairs is not None:
+        identity = {"fingerprint": dataset._fingerprint, "image_files": pairs.image_files}
+    else:
+        identity = _stream_identity(dataset)
+        if identity is None:
+            return None
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _stream_identity(stream) -> dict | None:
+    """What an ``IterableDataset`` reads, from its iterables, before it is read (see :func:`dataset_identity`)."""
+    steps = []
+    source = getattr(stream, "_ex_iterable", None)  # datasets' internals: a release without them gives no identity
+    while hasattr(source, "ex_iterable"):  # a step over another stream
+        settings = _plain({key: value for key, value in vars(source).items() if not key.startswith("_")}, "ex_iterable")
+        if settings is _UNKNOWN:
+            return None
+        steps.append([type(source).__name__, settings])
+        source = source.ex_iterable
+    origin = _stream_origin(source)
+    features = _plain(stream.features)
+    if origin is None or features is _UNKNOWN:
+        return None
+    return {"stream": origin, "steps": steps, "split": str(stream.split), "features": features}
+
+
+_UNKNOWN = object()  # a value whose identity cannot be told from what it holds (a function, a random generator)
+
+
+def _plain(value, skip: str | None = None):
+    """``value`` as JSON-like data (a dataset as its fingerprint; key ``skip`` of a dict left out), or ``_UNKNOWN``."""
+    import datasets
+
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, datasets.Dataset):
+        return {"fingerprint": value._fingerprint}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        items = [(str(key), _plain(item)) for key, item in value.items() if key != skip]
+        return _UNKNOWN if any(item is _UNKNOWN for _, item in items) else dict(sorted(items))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_plain(item) for item in value]
+        if any(item is _UNKNOWN for item in items):
+            return _UNKNOWN
+        return sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items
+    return _UNKNOWN
+
+
+def _stream_origin(source) -> dict | None:
+    """The identity of the innermost iterable of a stream: what it reads, and how; None when it cannot be known."""
+    import datasets
+
+    read = getattr(source, "generate_tables_fn", None) or getattr(source, "generate_examples_fn", None)
+    arguments = _plain(getattr(source, "kwargs", None))
+    if read is None or arguments is _UNKNOWN:
+        return None
+    builder = getattr(read, "__self__", None)
+    if isinstance(builder, datasets.DatasetBuilder):  # load_dataset(..., streaming=True)
+        config = _plain(vars(builder.config))  # a generator function here (from_generator) makes it unknown
+        if config is _UNKNOWN:
+            return None
+        files = []
+        for split_files in (builder.config.data_files or {}).values():
+            # datasets' own identity of each file: a local file's modification time, a Hub file's commit, an ETag.
+            origins = list(getattr(split_files, "origin_metadata", None) or [])
+            origins += [()] * (len(split_files) - len(origins))
+            files += [
+                [str(path), _plain(origin), _file_stat(str(path))]
+                for path, origin in zip(split_files, origins, strict=False)
+            ]
+        return {"builder": builder.name, "repo": builder.repo_id, "config": config, "files": files, "read": arguments}
+    if getattr(read, "__module__", "").startswith("datasets."):  # Dataset.to_iterable_dataset(): its shards
+        return {"read": read.__qualname__, "arguments": arguments}
+    return None
+
+
+def _file_stat(path: str) -> list[int] | None:
+    """Size and modification time (ns) of a local data file; None for a remote one (its revision or ETag, in the
+    data file's origin metadata, identifies it)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def report_problems(problems: dict[int, str], n_rows: int | None, skip_invalid_rows: bool) -> None:
@@ -225,51 +342,74 @@ def image_problem(cell) -> str | None:
     is the image decoded. Remote files (``hf://``, ``https://`` paths of a stream) are not checked here: they are
     checked as they are read.
     """
-    return _checked_image(cell)[1]
+    data, problem = _image_bytes(cell)
+    if problem is None and data is not None:
+        problem = _data_problem(data, _where(cell))
+    return problem
 
 
-def _checked_image(cell) -> tuple[bytes | None, str | None]:
-    """``(the encoded bytes read, why the cell cannot be decoded or None)``: :func:`image_problem`, keeping the
-    bytes for :func:`_image_identity` (None when nothing was read: a decoded image, or a remote file)."""
+def _image_bytes(cell) -> tuple[bytes | None, str | None]:
+    """``(the encoded bytes of an image cell, None)``: its own, or those of the local file it points to; or ``(None,
+    why there are none)``. ``(None, None)`` for a decoded image or a remote file, which are not read here."""
     if isinstance(cell, PIL.Image.Image):
         return None, None
     if _is_empty(cell):
         return None, "has no image"
     data, path = _cell_source(cell)
+    if data is not None:
+        return data, None
+    if path is None:
+        return None, f"holds a {type(cell).__name__}, expected an image, a path or encoded bytes"
+    if "://" in path:
+        return None, None
+    return _read_file(path)
+
+
+def _where(cell) -> str:
+    """The file an image cell points to, for a message: `` (PATH)``, or nothing."""
+    path = _cell_source(cell)[1]
+    return f" ({path})" if path else ""
+
+
+def _image_identity(cell, data: bytes | None, row: int) -> bytes:
+    """What tells an image apart from the others: the SHA-256 of its encoded bytes (``data``), else of its path (a
+    remote file is read only when it is embedded), else of its row (a decoded image)."""
     if data is None:
-        if path is None:
-            return None, f"holds a {type(cell).__name__}, expected an image, a path or encoded bytes"
-        if "://" in path:
-            return None, None
-        if not os.path.isfile(path):
-            return None, f"points to {path}, which does not exist"
-        try:
-            with open(path, "rb") as file:
-                data = file.read()
-        except OSError as error:
-            return None, f"points to {path}, which cannot be read ({error.strerror or error})"
-    where = f" ({path})" if path else ""
+        path = _cell_source(cell)[1]
+        data = f"path\0{path}".encode() if path is not None else f"row\0{row}".encode()
+    return hashlib.sha256(data).digest()
+
+
+def _local_file(cell) -> str | None:
+    """The path of the local file an undecoded image cell points to; None when it holds its bytes or no path."""
+    data, path = _cell_source(cell)
+    return path if data is None and path is not None and "://" not in path else None
+
+
+def _read_file(path: str) -> tuple[bytes | None, str | None]:
+    """``(the bytes of the image file at path, None)``, or ``(None, why it cannot be read)``."""
+    if not os.path.isfile(path):
+        return None, f"points to {path}, which does not exist"
+    try:
+        with open(path, "rb") as file:
+            return file.read(), None
+    except OSError as error:
+        return None, f"points to {path}, which cannot be read ({error.strerror or error})"
+
+
+def _data_problem(data: bytes, where: str) -> str | None:
+    """Why encoded image bytes cannot be decoded (``where``: the file they come from, for the message), or None."""
     try:
         with PIL.Image.open(io.BytesIO(data)) as image:
             image_format = image.format
             image.verify()
         if image_format == "PNG" or (image_format == "JPEG" and data.rstrip(b"\0").endswith(b"\xff\xd9")):
-            return data, None
+            return None
         with PIL.Image.open(io.BytesIO(data)) as image:
             image.load()
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
-        return data, _decoding_problem(error, where)
-    return data, None
-
-
-def _image_identity(cell, data: bytes | None, row: int) -> bytes | str | int:
-    """What tells an image apart from the others: the digest of its encoded bytes (``data``, as the image check read
-    them, or the cell's own), else its path (a remote file is read only when it is embedded), else its row."""
-    if data is None:
-        data, path = _cell_source(cell)
-        if data is None:
-            return path if path is not None else row
-    return hashlib.sha256(data).digest()
+        return _decoding_problem(error, where)
+    return None
 
 
 def _decoding_problem(error: Exception, where: str = "") -> str:

@@ -50,9 +50,9 @@ from .distilled import PDSPipelineOutput, build_distilled_dataset
 from .distributed import barrier, broadcast, gather_dicts, process_state
 from .embedding import ClipTowers, Embeddings, embed
 from .hub import check_output_folder, hf_pds_version
-from .pairs import PairTable, check_columns, read_pairs
+from .pairs import PairTable, check_columns, dataset_identity, read_pairs
 from .prototypes import check_budget, check_prune_ratio, check_seed, extract_prototypes, resolve_kmeans_backend
-from .run_state import Checkpoint, RunState, open_run
+from .run_state import Checkpoint, RunState, claim_run, open_run
 from .synthesis import Generated, best_candidates, compile_unet, preset_scheduler, prototype_seed, synthesize
 
 if TYPE_CHECKING:
@@ -158,6 +158,9 @@ class CheckedInputs:
         cache: the embedding cache, or None.
         output_dir: where to save the distilled set (absolute), or None.
         protected: folders the run reads, which an overwritten output must not be or contain.
+        run: the work folder of ``output_dir``, locked before the images were checked (close it), or None.
+        run_arguments: what a resumed run must share with the interrupted one (the settings, the identity of the
+            data, the columns, the row policy, the models), or None without ``output_dir``.
     """
 
     pairs: PairTable | None
@@ -168,6 +171,8 @@ class CheckedInputs:
     cache: EmbeddingCache | None
     output_dir: Path | None
     protected: list[Path]
+    run: RunState | None
+    run_arguments: dict | None
 
 
 class PDSPipeline(DiffusionPipeline):
@@ -389,41 +394,61 @@ class PDSPipeline(DiffusionPipeline):
 
         check_columns(dataset, image_column, caption_column)
         protected = [path for path in (*source_folders(dataset), self.local_folder(), cache_dir) if path is not None]
+        state = process_state()
+        run = None
         if output_dir is not None:
             output_dir = check_output_folder(output_dir, flags["overwrite"], protected)
-        pairs = None
-        if not isinstance(dataset, IterableDataset):
-            pairs = read_pairs(
-                dataset,
-                image_column,
-                caption_column,
-                flags["skip_invalid_rows"],
-                progress=self._shows_progress(process_state()),
+            # Locked before the images are checked: a second run into the same output is refused at once.
+            run = claim_run(output_dir, state)
+        try:
+            pairs = None
+            if not isinstance(dataset, IterableDataset):
+                pairs = read_pairs(
+                    dataset,
+                    image_column,
+                    caption_column,
+                    flags["skip_invalid_rows"],
+                    progress=self._shows_progress(state),
+                )
+            budget = check_budget(
+                budget,
+                None if pairs is None else len(pairs.captions),
+                prune_ratio,
+                n_images=None if pairs is None else pairs.distinct_images,
+                n_rows=None if pairs is None else len(pairs.rows),
             )
-        budget = check_budget(
-            budget,
-            None if pairs is None else len(pairs.captions),
-            prune_ratio,
-            n_images=None if pairs is None else pairs.distinct_images,
-            n_rows=None if pairs is None else len(pairs.rows),
-        )
-        settings = {
-            "budget": budget,
-            "prune_ratio": prune_ratio,
-            "normalize": flags["normalize"],
-            "seed": seed,
-            "kmeans_backend": kmeans_backend,
-            "num_inference_steps": generation["num_inference_steps"],
-            "guidance_scale": generation["guidance_scale"],
-            "noise_level": generation["noise_level"],
-            "negative_prompt": negative_prompt,
-            "output_size": generation["output_size"],
-            "batch_size": generation["batch_size"],
-            "candidates": candidates,
-            "scheduler": type(self.scheduler).__name__ if scheduler is None else SCHEDULER_PRESETS[scheduler][0],
-            "scheduler_preset": scheduler,
-            "compile": flags["compile"],
-        }
+            settings = {
+                "budget": budget,
+                "prune_ratio": prune_ratio,
+                "normalize": flags["normalize"],
+                "seed": seed,
+                "kmeans_backend": kmeans_backend,
+                "num_inference_steps": generation["num_inference_steps"],
+                "guidance_scale": generation["guidance_scale"],
+                "noise_level": generation["noise_level"],
+                "negative_prompt": negative_prompt,
+                "output_size": generation["output_size"],
+                "batch_size": generation["batch_size"],
+                "candidates": candidates,
+                "scheduler": type(self.scheduler).__name__ if scheduler is None else SCHEDULER_PRESETS[scheduler][0],
+                "scheduler_preset": scheduler,
+                "compile": flags["compile"],
+            }
+            run_arguments = None
+            if run is not None:
+                run_arguments = {
+                    **settings,
+                    # The data, not its name: a dataset's table and image files, a stream's source (None: unknown).
+                    "dataset": dataset_identity(dataset, pairs),
+                    "image_column": image_column,
+                    "caption_column": caption_column,
+                    "skip_invalid_rows": flags["skip_invalid_rows"],
+                    "models": self.weights_fingerprint(),
+                }
+        except BaseException:
+            if run is not None:
+                run.close(state)
+            raise
         return CheckedInputs(
             pairs=pairs,
             settings=settings,
@@ -433,6 +458,8 @@ class PDSPipeline(DiffusionPipeline):
             cache=EmbeddingCache(cache_dir) if flags["use_cache"] else None,
             output_dir=output_dir,
             protected=protected,
+            run=run,
+            run_arguments=run_arguments,
         )
 
     @torch.no_grad()
@@ -518,13 +545,15 @@ class PDSPipeline(DiffusionPipeline):
             output_dir (`str`, *optional*): also save the distilled set there, as a Hub-layout folder, and make the
                 run resumable: images are kept as they are made in a work folder beside it, and the same call after
                 an interruption (even SIGKILL) makes only the missing ones. The folder appears when complete. A
-                second run into the same folder while this one is alive is refused. Ctrl-C raises
-                `hf_pds.run_state.RunInterrupted` (a `KeyboardInterrupt`), whose message says what was kept.
+                second run into the same folder while this one is alive is refused before it checks any image.
+                Ctrl-C raises `hf_pds.run_state.RunInterrupted` (a `KeyboardInterrupt`), whose message says what was
+                kept.
             overwrite (`bool`, defaults to `False`): replace an existing `output_dir`, which must be empty or hold
                 nothing but an hf-pds output (never the current folder, one of its parents, or a folder the run
                 reads; an `output_dir` inside a folder the run reads is refused either way).
             fresh (`bool`, defaults to `False`): discard an interrupted run into `output_dir` instead of resuming it
-                (resuming with other arguments is refused).
+                (resuming with other arguments or on other data is refused; a stream made by a function is never
+                resumed).
             cache_dir (`str`, *optional*): embedding cache folder; defaults to `embeddings/` in `$HF_PDS_CACHE` or
                 `~/.cache/huggingface/hf_pds`. Distilling the same dataset again (another budget, other generation
                 settings) then runs no CLIP forward pass. An unusable cache folder costs a warning, not the run.
@@ -540,24 +569,15 @@ class PDSPipeline(DiffusionPipeline):
         given = {name: value for name, value in locals().items() if name != "self"}
         started = time.perf_counter()
         # 1. Check inputs, before any model runs (a stream's rows are checked as it is read).
-        inputs = self.check_inputs(**given)
+        inputs = self.check_inputs(**given)  # with output_dir, its work folder is locked from here on
         timings = {"check_inputs": time.perf_counter() - started}
         state = process_state()
-        # What a resumed run must share with the interrupted one (only a run into output_dir can resume).
-        arguments = None
-        if inputs.output_dir is not None:
-            arguments = {
-                **inputs.settings,
-                "dataset": getattr(dataset, "_fingerprint", None),
-                "image_column": image_column,
-                "caption_column": caption_column,
-                "skip_invalid_rows": inputs.skip_invalid_rows,
-                "models": self.weights_fingerprint(),
-            }
-        logger.info(
-            "Distilling on %d process(es); k-means backend: %s.", state.num_processes, inputs.settings["kmeans_backend"]
-        )
-        with open_run(inputs.output_dir, arguments, fresh, state) as run:
+        with open_run(inputs.run, inputs.run_arguments, fresh, state) as run:
+            logger.info(
+                "Distilling on %d process(es); k-means backend: %s.",
+                state.num_processes,
+                inputs.settings["kmeans_backend"],
+            )
             resumed = run.checkpoint if run is not None else None
 
             # 2. Embed every image once and every caption with CLIP, through the embedding cache. A resumed run

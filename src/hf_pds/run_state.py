@@ -2,11 +2,15 @@
 
 While ``pipe(..., output_dir=DIR)`` (CLI ``--output DIR``) runs, its state lives in ``.DIR.pds-run`` beside ``DIR``:
 
-- ``lock``: held by the live run. A second run into ``DIR`` is refused at once. The operating system drops the lock
-  when its process ends, even by SIGKILL, so the next run takes over the folder of a dead one.
+- ``lock``: held by the live run, taken before any expensive step (before the images are checked; in the CLI,
+  before the dataset and the pipeline are loaded: :func:`hold_run`). A second run into ``DIR`` is refused at once.
+  The operating system drops the lock when its process ends, even by SIGKILL, so the next run takes over the folder
+  of a dead one.
 - ``checkpoint.npz`` and ``checkpoint.json`` (the prototypes, their prompts and the source sizes), then
-  ``run.json`` (the run's arguments), written once the prototypes exist. From then on the run is resumable: the
-  same call makes only the missing images; a call with other arguments is refused and told what changed.
+  ``run.json`` (the run's arguments, the identity of its data among them), written once the prototypes exist. From
+  then on the run is resumable: the same call on the same data makes only the missing images; a call with other
+  arguments or other data is refused and told what changed. A run whose data has no identity (a stream made by a
+  function) is not resumed: the next run starts afresh, with a warning.
 - ``images/000042-0.png`` and ``.json``: each finished image (candidate 0 of prototype 42) and its scores,
   written atomically.
 
@@ -25,6 +29,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +47,8 @@ _ARGUMENTS = "run.json"
 _CHECKPOINT_ARRAYS = "checkpoint.npz"
 _CHECKPOINT_DETAILS = "checkpoint.json"
 _LOCK = "lock"
+# The argument that identifies the data of a run (see hf_pds.pairs.dataset_identity).
+_DATA = "dataset"
 
 
 class RunInProgressError(FileExistsError):
@@ -108,7 +115,11 @@ class ImageStore:
 
 
 class RunState:
-    """The work folder of a run writing to ``output_dir``; see the module's documentation."""
+    """The work folder of a run writing to ``output_dir``; see the module's documentation.
+
+    :meth:`lock` it first, as early as possible, then :meth:`open` it; each :meth:`lock` is undone by one
+    :meth:`close`.
+    """
 
     def __init__(self, output_dir: str | os.PathLike):
         self.output_dir = Path(output_dir).expanduser().resolve()
@@ -117,25 +128,47 @@ class RunState:
         self.checkpoint: Checkpoint | None = None
         self._arguments: dict = {}
         self._lock = None
+        self._holders = 0
         self._finished = False
 
+    def lock(self, state=SINGLE_PROCESS) -> RunState:
+        """Take the work folder's lock (main process), before any expensive step, and return self. A RunState that
+        is already locked is only counted again: the CLI locks before loading anything, then the pipeline it calls
+        uses the same RunState (see :func:`claim_run`); the last :meth:`close` releases it.
+
+        Raises:
+            RunInProgressError: (on every process) another live run writes the same output folder.
+        """
+        if self._holders == 0:
+            refusal = None
+            if state.is_main_process:
+                try:
+                    self._acquire()
+                except RunInProgressError as error:
+                    refusal = error
+            refusal = broadcast(refusal, state)  # every process fails the same way
+            if refusal is not None:
+                raise refusal
+        self._holders += 1
+        return self
+
     def open(self, arguments: dict, fresh: bool = False, state=SINGLE_PROCESS) -> Checkpoint | None:
-        """Lock the work folder (main process) and read the checkpoint that an interrupted run with the same
-        ``arguments`` left; returns it, or None for a run that starts afresh.
+        """Read the checkpoint that an interrupted run with the same ``arguments`` left (locking the work folder
+        first unless it is); returns it, or None for a run that starts afresh.
 
         Raises:
             RunInProgressError: another live run writes the same output folder.
-            ValueError: the work folder holds an interrupted run with other arguments (unless ``fresh``, which
-                discards it).
+            ValueError: the work folder holds an interrupted run with other arguments or on other data (unless
+                ``fresh``, which discards it).
         """
+        if self._holders == 0:
+            self.lock(state)
         self._arguments = _canonical(arguments)
         refusal = None
         if state.is_main_process:
             try:
-                self._acquire()
                 self._settle(fresh)
-            except (RunInProgressError, ValueError) as error:
-                self._release()
+            except ValueError as error:
                 refusal = error
         refusal = broadcast(refusal, state)  # every process fails the same way
         if refusal is not None:
@@ -189,24 +222,42 @@ class RunState:
         manifest = self.folder / _ARGUMENTS
         if manifest.exists() and not fresh:
             previous = json.loads(manifest.read_text(encoding="utf-8"))
-            changed = sorted(
-                key for key in previous.keys() | self._arguments.keys() if previous.get(key) != self._arguments.get(key)
-            )
-            if not changed:
+            if previous.get(_DATA) is None or self._arguments.get(_DATA) is None:
+                # Nothing tells whether this run reads the data the interrupted one read: never reuse its prototypes.
+                logger.warning(
+                    "%s holds an interrupted run into %s, but its data or this run's has no identity (a stream made "
+                    "by a function, such as from_generator, map or filter, or shuffled): it is not resumed; starting "
+                    "afresh.",
+                    self.folder,
+                    self.output_dir,
+                )
+            else:
+                self._refuse_other_arguments(previous)
                 return
-            details = "; ".join(
-                f"{key}: {previous.get(key)!r} then, {self._arguments.get(key)!r} now" for key in changed
-            )
-            raise ValueError(
-                f"{self.folder} holds an interrupted run into {self.output_dir} with other arguments ({details}). "
-                "Run again with the same arguments to resume it, or pass fresh=True to discard it."
-            )
         # Not resumable (a run that died before its prototypes existed), or discarded: start clean.
         for path in self.folder.iterdir():
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.name != _LOCK:
                 path.unlink()
+
+    def _refuse_other_arguments(self, previous: dict) -> None:
+        """Raise ``ValueError`` naming what differs between ``previous`` arguments and this run's, if anything."""
+        changed = sorted(
+            key for key in previous.keys() | self._arguments.keys() if previous.get(key) != self._arguments.get(key)
+        )
+        if not changed:
+            return
+        details = "; ".join(
+            "dataset: not the data it read (another dataset, or its files changed since)"
+            if key == _DATA
+            else f"{key}: {previous.get(key)!r} then, {self._arguments.get(key)!r} now"
+            for key in changed
+        )
+        raise ValueError(
+            f"{self.folder} holds an interrupted run into {self.output_dir} with other arguments ({details}). "
+            "Run again with the same arguments on the same data to resume it, or pass fresh=True to discard it."
+        )
 
     def _load_checkpoint(self) -> Checkpoint | None:
         if not (self.folder / _ARGUMENTS).exists():
@@ -247,33 +298,69 @@ class RunState:
         self._finished = True
 
     def close(self, state=SINGLE_PROCESS) -> None:
-        """Release the lock; remove the work folder unless it holds an interrupted, resumable run."""
-        if not state.is_main_process:
+        """Undo one :meth:`lock`. The last one releases the lock and removes the work folder unless it holds an
+        interrupted, resumable run."""
+        self._holders = max(0, self._holders - 1)
+        if self._holders or not state.is_main_process:
             return
         if self._finished or not (self.folder / _ARGUMENTS).exists():
             shutil.rmtree(self.folder, ignore_errors=True)
         self._release()
 
 
+# The RunState of an enclosing hold_run block, which a run into the same output uses instead of locking again.
+_HELD: ContextVar[RunState | None] = ContextVar("hf_pds_held_run", default=None)
+
+
+def claim_run(output_dir: str | os.PathLike, state=SINGLE_PROCESS) -> RunState:
+    """The locked :class:`RunState` of ``output_dir``: the one of an enclosing :func:`hold_run` block, or a new one,
+    locked now. Undo with its ``close``.
+
+    Raises:
+        RunInProgressError: another live run writes the same output folder.
+    """
+    held = _HELD.get()
+    if held is not None and held.output_dir == Path(output_dir).expanduser().resolve():
+        return held.lock(state)
+    return RunState(output_dir).lock(state)
+
+
+@contextmanager
+def hold_run(output_dir: str | os.PathLike, state=SINGLE_PROCESS) -> Iterator[RunState]:
+    """Lock the work folder of ``output_dir`` for the block, before its expensive steps (loading a dataset and a
+    pipeline): a second run into ``output_dir`` is refused at once, and a run into it inside the block uses this lock
+    (:func:`claim_run`) instead of conflicting with it.
+
+    Raises:
+        RunInProgressError: another live run writes the same output folder.
+    """
+    run = RunState(output_dir).lock(state)
+    token = _HELD.set(run)
+    try:
+        yield run
+    finally:
+        _HELD.reset(token)
+        run.close(state)
+
+
 @contextmanager
 def open_run(
-    output_dir: str | os.PathLike | None, arguments: dict | None, fresh: bool = False, state=SINGLE_PROCESS
+    run: RunState | None, arguments: dict | None, fresh: bool = False, state=SINGLE_PROCESS
 ) -> Iterator[RunState | None]:
-    """The opened :class:`RunState` of ``output_dir`` for the block (None without ``output_dir``), closed after it.
-    ``arguments`` are what a resumed run must share with the interrupted one (None without ``output_dir``).
+    """``run`` (locked: see :func:`claim_run`; None without an output folder) opened for the block with ``arguments``,
+    what a resumed run must share with the interrupted one; closed after the block, or when it cannot be opened.
 
-    An interruption (``KeyboardInterrupt``) in the block goes on as :class:`RunInterrupted`, which says what was
-    kept."""
-    if output_dir is None:
+    An interruption (``KeyboardInterrupt``) in the block goes on as :class:`RunInterrupted`, and a full disk as a
+    :class:`~hf_pds.errors.NoSpaceError`, each saying what was kept."""
+    if run is None:
         yield None
         return
-    run = RunState(output_dir)
-    run.open(arguments, fresh, state)
     try:
+        run.open(arguments, fresh, state)
         yield run
     except KeyboardInterrupt as interrupt:
         raise RunInterrupted(run.kept()) from interrupt
-    except NoSpaceError as error:  # a full disk: say what a rerun keeps
+    except NoSpaceError as error:
         raise NoSpaceError(f"{error} Of this run, {run.kept()}") from error
     finally:
         run.close(state)
