@@ -289,7 +289,8 @@ def test_ctrl_c_during_synthesis_says_what_was_kept_and_the_rerun_counts_it(
     monkeypatch.undo()
     assert main([*arguments, "--budget", "3"]) == 2
     line = error_line(capsys)
-    assert line.endswith("Run again with the same arguments to resume it, or pass --fresh to discard it.")
+    assert "(budget: 4 then, 3 now)" in line
+    assert line.endswith("on the same data to resume it, or pass --fresh to discard it.")
     made = crash_encoding_after(monkeypatch, None)
     assert main(arguments) == 0
     assert len(made) == 3
