@@ -33,8 +33,9 @@ def pipeline_defaults() -> dict:
 
 
 def _add_distill_options(distill: argparse.ArgumentParser, defaults: dict) -> None:
+    from .decoders.unclip import DEFAULT_CHECKPOINT, DEFAULT_NUM_INFERENCE_STEPS
     from .prototypes import KMEANS_BACKENDS
-    from .synthesis import SCHEDULER_PRESETS, default_steps
+    from .synthesis import SCHEDULER_PRESETS
 
     source = distill.add_argument_group("source")
     source.add_argument("--dataset", help="Hub dataset id or local folder (default: the embedded digits demo)")
@@ -78,16 +79,20 @@ def _add_distill_options(distill: argparse.ArgumentParser, defaults: dict) -> No
     generation = distill.add_argument_group("generation")
     generation.add_argument(
         "--pipeline",
-        help="PDSPipeline folder or unCLIP checkpoint (default: stabilityai/stable-diffusion-2-1-unclip-small; "
-        "demo: tiny random pipeline)",
+        help=f"PDSPipeline folder, decoder checkpoint (Hub id or folder) or 'select' (the real image nearest each "
+        f"prototype, no diffusion model) (default: {DEFAULT_CHECKPOINT}; demo: tiny random pipeline)",
     )
-    generation.add_argument("--clip-model", help="CLIP model of the text tower when the checkpoint has none")
+    generation.add_argument(
+        "--clip-model",
+        help="CLIP model of the text tower when the checkpoint has none; with --pipeline select, of both towers "
+        "(default: openai/clip-vit-large-patch14)",
+    )
     generation.add_argument(
         "--num-inference-steps",
         type=int,
         default=defaults["num_inference_steps"],
-        help=f"denoising steps (default: the paper's {default_steps(None)}, or the --scheduler preset's; "
-        f"demo: {DEMO_SETTINGS['num_inference_steps']})",
+        help=f"denoising steps (default: the decoder's, the paper's {DEFAULT_NUM_INFERENCE_STEPS} for unCLIP, or the "
+        f"--scheduler preset's; demo: {DEMO_SETTINGS['num_inference_steps']})",
     )
     generation.add_argument(
         "--scheduler",
@@ -107,16 +112,21 @@ def _add_distill_options(distill: argparse.ArgumentParser, defaults: dict) -> No
         "%(default)s, the paper's)",
     )
     generation.add_argument(
-        "--guidance-scale", type=float, default=defaults["guidance_scale"], help="guidance scale (default: %(default)s)"
+        "--guidance-scale",
+        type=float,
+        default=defaults["guidance_scale"],
+        help="guidance scale (default: the decoder's, the paper's 5.0 for unCLIP)",
     )
     generation.add_argument(
         "--noise-level",
         type=int,
         default=defaults["noise_level"],
-        help="image-embedding noise level (default: %(default)s)",
+        help="unCLIP's image-embedding noise level (default: the paper's 10)",
     )
     generation.add_argument(
-        "--negative-prompt", default=defaults["negative_prompt"], help="negative prompt (default: %(default)r)"
+        "--negative-prompt",
+        default=defaults["negative_prompt"],
+        help="negative prompt, '' for none (default: the decoder's, the paper's 'text, watermark' for unCLIP)",
     )
     generation.add_argument(
         "--output-size",
@@ -250,11 +260,12 @@ def _device(name: str | None, state) -> str:
 def _distill(args: argparse.Namespace) -> Path:
     import torch
 
+    from .decoders.base import CheckpointNotFoundError
+    from .decoders.unclip import DEFAULT_CHECKPOINT
     from .distributed import process_state
     from .hub import check_output_folder, load_source_dataset
-    from .pipeline_pds import DEFAULT_CHECKPOINT, PDSPipeline, check_generation_settings, check_pipeline_folder
+    from .pipeline_pds import PDSPipeline, check_generation_settings, check_pipeline_folder
     from .prototypes import check_budget, check_prune_ratio, check_seed, resolve_kmeans_backend
-    from .synthesis import default_steps
 
     demo = args.dataset is None
     defaults = pipeline_defaults()
@@ -271,7 +282,7 @@ def _distill(args: argparse.Namespace) -> Path:
     check_seed(args.seed)
     resolve_kmeans_backend(args.kmeans_backend)
     check_generation_settings(
-        default_steps(args.scheduler) if steps is None else steps,
+        steps,
         args.guidance_scale,
         args.noise_level,
         _noise_steps(args.pipeline),
@@ -282,7 +293,7 @@ def _distill(args: argparse.Namespace) -> Path:
         value = getattr(args, option)
         if value is not None and value < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be a positive integer, got {value}.")
-    if args.pipeline is not None:
+    if args.pipeline not in (None, "select"):
         check_pipeline_folder(args.pipeline)
     output = check_output_folder(
         args.output or DEMO_OUTPUT,
@@ -321,6 +332,8 @@ def _distill(args: argparse.Namespace) -> Path:
         name = args.pipeline or DEFAULT_CHECKPOINT
         try:
             pipeline = PDSPipeline.from_pretrained(name, clip_model_name_or_path=args.clip_model, dtype=dtype)
+        except CheckpointNotFoundError:  # its message says all: the id and where the paper's checkpoints are
+            raise
         except Exception as error:  # diffusers and transformers raise many types for a folder or id they cannot load
             raise ValueError(f"cannot load the pipeline {name}: {type(error).__name__}: {error}") from error
     pipeline = pipeline.to(device)

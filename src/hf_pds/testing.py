@@ -292,9 +292,13 @@ UNCLIP_TEXT_HIDDEN = 1024
 
 def save_checkpoint_like(
     folder: str | Path, checkpoint: str = "stable-diffusion-2-1-unclip-small", seed: int = 0
-) -> tuple[Path, Path]:
-    """Write ``folder/unclip`` and ``folder/clip`` laid out exactly as ``stabilityai/<checkpoint>`` and its CLIP model
-    are when diffusers and transformers save them, with tiny random weights; returns the two folders.
+) -> dict:
+    """Write a checkpoint laid out exactly as the real one is when diffusers and transformers save it, with tiny
+    random weights; returns the keyword arguments of :meth:`PDSPipeline.from_pretrained` that load it.
+
+    For the two unCLIP checkpoints, ``folder/unclip`` is laid out as ``sd2-community/<checkpoint>`` and
+    ``folder/clip`` as its CLIP model: ``{"pretrained_model_name_or_path": folder/unclip,
+    "clip_model_name_or_path": folder/clip}``.
 
     ``unclip`` is a ``StableUnCLIPImg2ImgPipeline`` folder: the real components, classes, scheduler configs (PNDM,
     v-prediction; DDPM squared cosine for the image noise) and embedding widths (768-d for ``-small``, 1024-d for
@@ -359,7 +363,7 @@ def save_checkpoint_like(
     clip.save_pretrained(folder / "clip")
     tokenizer.save_pretrained(folder / "clip")
     CLIPImageProcessor().save_pretrained(folder / "clip")
-    return folder / "unclip", folder / "clip"
+    return {"pretrained_model_name_or_path": str(folder / "unclip"), "clip_model_name_or_path": str(folder / "clip")}
 
 
 _DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
