@@ -99,12 +99,19 @@ def image_noising_scheduler():
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
 
 
-def _tiny_unet(image_embed_dim: int, cross_attention_dim: int):
-    """A two-block unCLIP UNet: conditioned on an image embedding (with its noise-level embedding) and on
-    prompt states of width ``cross_attention_dim``."""
+def _tiny_unet(image_embed_dim: int | None, cross_attention_dim: int, **config):
+    """A two-block UNet reading prompt states of width ``cross_attention_dim``. With ``image_embed_dim`` it is
+    unCLIP's, conditioned on an image embedding (with its noise-level embedding); ``config`` overrides the rest
+    for the other decoders' UNets."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
+    # unCLIP conditions on the image embedding concatenated with its noise-level embedding.
+    unclip = (
+        {"class_embed_type": "projection", "projection_class_embeddings_input_dim": image_embed_dim * 2}
+        if image_embed_dim
+        else {}
+    )
+    settings = dict(
         sample_size=TINY_IMAGE_SIZE,
         in_channels=4,
         out_channels=4,
@@ -112,21 +119,21 @@ def _tiny_unet(image_embed_dim: int, cross_attention_dim: int):
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(32, 64),
         attention_head_dim=(2, 4),
-        class_embed_type="projection",
-        # unCLIP conditions on the image embedding concatenated with its noise-level embedding.
-        projection_class_embeddings_input_dim=image_embed_dim * 2,
+        **unclip,
         cross_attention_dim=cross_attention_dim,
         layers_per_block=1,
         upcast_attention=True,
         use_linear_projection=True,
         norm_num_groups=32,
     )
+    return UNet2DConditionModel(**{**settings, **config})
 
 
-def _tiny_vae():
+def _tiny_vae(**config):
+    """A one-block ``AutoencoderKL``; ``config`` overrides (the SDXL VAE's scaling factor)."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    settings = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",),
@@ -136,6 +143,7 @@ def _tiny_vae():
         norm_num_groups=32,
         sample_size=TINY_IMAGE_SIZE,
     )
+    return AutoencoderKL(**{**settings, **config})
 
 
 def tiny_pds_components(seed: int = 0) -> dict:
@@ -270,24 +278,83 @@ def real_size_pds_components(seed: int = 0) -> dict:
     }
 
 
-# The two public stable unCLIP checkpoints: the widths of their embedding spaces, and the CLIP model whose
-# vision tower is their image encoder (DESIGN.md, "The real checkpoints").
+# The CLIP models whose towers the decoders read, at their published widths: the projection is the embedding
+# space, and the hidden widths are those of the states a decoder attends to. The fixtures shrink depth to one layer.
+VIT_L = "openai/clip-vit-large-patch14"
+VIT_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+VIT_BIG_G = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
+CLIP_MODELS = {
+    VIT_L: {"vision_hidden": 1024, "text_hidden": 768, "projection": 768},
+    VIT_H: {"vision_hidden": 1280, "text_hidden": 1024, "projection": 1024},
+    VIT_BIG_G: {"vision_hidden": 1664, "text_hidden": 1280, "projection": 1280},
+}
+
+# The two public stable unCLIP checkpoints: the CLIP model whose vision tower is their image encoder, and its
+# widths (DESIGN.md, "The real checkpoints").
 CHECKPOINT_LAYOUTS = {
-    "stable-diffusion-2-1-unclip-small": {
-        "clip_model": "openai/clip-vit-large-patch14",
-        "vision_hidden": 1024,
-        "clip_text_hidden": 768,
-        "projection": 768,
-    },
-    "stable-diffusion-2-1-unclip": {
-        "clip_model": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-        "vision_hidden": 1280,
-        "clip_text_hidden": 1024,
-        "projection": 1024,
-    },
+    name: {"clip_model": clip_model, **CLIP_MODELS[clip_model]}
+    for name, clip_model in (("stable-diffusion-2-1-unclip-small", VIT_L), ("stable-diffusion-2-1-unclip", VIT_H))
 }
 # The prompt encoder of both checkpoints is OpenCLIP ViT-H/14's text tower.
-UNCLIP_TEXT_HIDDEN = 1024
+UNCLIP_TEXT_HIDDEN = CLIP_MODELS[VIT_H]["text_hidden"]
+
+
+def _one_layer(hidden: int) -> dict:
+    """A transformer config of one layer of 64-wide heads and a tiny MLP, at a real width."""
+    return dict(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=hidden // 64, intermediate_size=64)
+
+
+def _token_ids(tokenizer) -> dict:
+    """The vocabulary size and special-token ids of a text tower that reads ``tokenizer``'s ids."""
+    return dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+    )
+
+
+def _clip_config(clip_model: str, tokenizer):
+    """A one-layer ``CLIPConfig`` at ``clip_model``'s widths (:data:`CLIP_MODELS`; ViT-*/14 at 224 pixels)."""
+    from transformers import CLIPConfig
+
+    widths = CLIP_MODELS[clip_model]
+    projection = widths["projection"]
+    return CLIPConfig(
+        text_config=dict(**_one_layer(widths["text_hidden"]), projection_dim=projection, **_token_ids(tokenizer)),
+        vision_config=dict(
+            **_one_layer(widths["vision_hidden"]), patch_size=14, image_size=224, projection_dim=projection
+        ),
+        projection_dim=projection,
+    )
+
+
+def _clip_tower(clip, tower: str):
+    """``clip``'s ``"vision"`` tower as a ``CLIPVisionModelWithProjection`` or its ``"text"`` tower as a
+    ``CLIPTextModelWithProjection``, with the same weights: the decoders ship single towers of published CLIP
+    models, and the text tower of the same model embeds captions in the decoder's space."""
+    import copy
+
+    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+    if tower == "vision":
+        model = CLIPVisionModelWithProjection(copy.deepcopy(clip.config.vision_config))
+        prefixes = ("vision_model.", "visual_projection.")
+    else:
+        model = CLIPTextModelWithProjection(copy.deepcopy(clip.config.text_config))
+        prefixes = ("text_model.", "text_projection.")
+    model.load_state_dict({name: value for name, value in clip.state_dict().items() if name.startswith(prefixes)})
+    return model
+
+
+def _save_clip(clip, tokenizer, folder: Path) -> Path:
+    """Write ``clip`` as its Hub repository is laid out: a ``CLIPModel`` (both towers), tokenizer, image processor."""
+    from transformers import CLIPImageProcessor
+
+    clip.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor().save_pretrained(folder)
+    return folder
 
 
 def save_checkpoint_like(
@@ -303,63 +370,269 @@ def save_checkpoint_like(
     """
     from diffusers import StableUnCLIPImg2ImgPipeline
     from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-    )
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel
 
     if checkpoint not in CHECKPOINT_LAYOUTS:
         raise ValueError(f"checkpoint must be one of {sorted(CHECKPOINT_LAYOUTS)}, got {checkpoint!r}.")
     layout = CHECKPOINT_LAYOUTS[checkpoint]
     folder = Path(folder)
     tokenizer = tiny_clip_tokenizer()
-    tokens = dict(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        vocab_size=len(tokenizer),
-    )
-
-    # One layer of 64-wide heads and a tiny MLP; the widths are the real ones.
-    def one_layer(hidden: int) -> dict:
-        return dict(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=hidden // 64, intermediate_size=64)
-
     projection = layout["projection"]
-    vision = dict(**one_layer(layout["vision_hidden"]), patch_size=14, image_size=224, projection_dim=projection)
 
     torch.manual_seed(seed)
-    clip = CLIPModel(
-        CLIPConfig(
-            text_config=dict(**one_layer(layout["clip_text_hidden"]), projection_dim=projection, **tokens),
-            vision_config=vision,
-            projection_dim=projection,
-        )
-    )
-    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision))
-    image_encoder.load_state_dict(
-        {name: value for name, value in clip.state_dict().items() if name.startswith(("vision_model.", "visual_"))}
-    )
+    clip = CLIPModel(_clip_config(layout["clip_model"], tokenizer))
     components = {
         "feature_extractor": CLIPImageProcessor(),
-        "image_encoder": image_encoder,
+        "image_encoder": _clip_tower(clip, "vision"),
         "image_normalizer": StableUnCLIPImageNormalizer(embedding_dim=projection),
         "image_noising_scheduler": image_noising_scheduler(),
         "tokenizer": tokenizer,
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**one_layer(UNCLIP_TEXT_HIDDEN), **tokens)),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**_one_layer(UNCLIP_TEXT_HIDDEN), **_token_ids(tokenizer))),
         "unet": _tiny_unet(image_embed_dim=projection, cross_attention_dim=UNCLIP_TEXT_HIDDEN),
         "scheduler": unclip_scheduler(),
         "vae": _tiny_vae(),
     }
     StableUnCLIPImg2ImgPipeline(**components).save_pretrained(folder / "unclip")
-    clip.save_pretrained(folder / "clip")
-    tokenizer.save_pretrained(folder / "clip")
-    CLIPImageProcessor().save_pretrained(folder / "clip")
+    _save_clip(clip, tokenizer, folder / "clip")
     return folder / "unclip", folder / "clip"
+
+
+# The Hub repositories each decoder fixture stands for, by role. A writer puts each repository in a folder named
+# as the repository (``folder/<name>``), so that two fixtures written into one folder share the repositories they
+# have in common (``h94/IP-Adapter`` holds both the SD 1.5 and the SDXL adapters, in two subfolders).
+DECODER_REPOS = {
+    "kandinsky-2-2": {
+        "decoder": "kandinsky-community/kandinsky-2-2-decoder",
+        "prior": "kandinsky-community/kandinsky-2-2-prior",
+        "clip": VIT_BIG_G,
+    },
+    "sd15-ip-adapter": {
+        "base": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "adapter": "h94/IP-Adapter",
+        "clip": VIT_H,
+    },
+    "sdxl-ip-adapter": {
+        "base": "stabilityai/stable-diffusion-xl-base-1.0",
+        "adapter": "h94/IP-Adapter",
+        "clip": VIT_BIG_G,
+    },
+}
+# Where each IP-Adapter's weights lie in h94/IP-Adapter: ``load_ip_adapter(adapter, **IP_ADAPTER_FILES[name])``
+# (the image encoder is the ``image_encoder`` folder beside the weights).
+IP_ADAPTER_FILES = {
+    "sd15-ip-adapter": {"subfolder": "models", "weight_name": "ip-adapter_sd15.safetensors"},
+    "sdxl-ip-adapter": {"subfolder": "sdxl_models", "weight_name": "ip-adapter_sdxl.safetensors"},
+}
+
+
+def _repo_folders(folder: str | Path, name: str) -> dict[str, Path]:
+    return {role: Path(folder) / hub_id.split("/")[1] for role, hub_id in DECODER_REPOS[name].items()}
+
+
+def _as_published(pipeline_folder: Path) -> None:
+    """Make ``model_index.json`` name the components as the published files do: ``CLIPImageProcessor`` (without
+    torchvision, transformers saves its ``CLIPImageProcessorPil`` fallback under that name) and no ``[null, null]``
+    entries (diffusers writes them for optional components; the published files predate them)."""
+    index_path = pipeline_folder / "model_index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    published = {
+        key: ["transformers", "CLIPImageProcessor"] if value == ["transformers", "CLIPImageProcessorPil"] else value
+        for key, value in index.items()
+        if value != [None, None]
+    }
+    index_path.write_text(json.dumps(published, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save_kandinsky_like(folder: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write Kandinsky 2.2's decoder and prior, and the CLIP model of the prior's towers, laid out as
+    ``kandinsky-community/kandinsky-2-2-decoder``, ``kandinsky-community/kandinsky-2-2-prior`` and
+    ``laion/CLIP-ViT-bigG-14-laion2B-39B-b160k`` are, with tiny random weights (``torch.manual_seed(seed)``).
+
+    Returns ``{"decoder": ..., "prior": ..., "clip": ...}``, the three folders; :data:`DECODER_REPOS` has their ids.
+
+    Real (as published): every folder name, class and ``model_index.json``; the decoder's DDPM scheduler config
+    (linear betas 0.00085 to 0.012, epsilon, ``steps_offset`` 1, "leading"); the prior's ``UnCLIPScheduler``
+    config (``sample`` prediction, ``clip_sample_range`` 10, ``fixed_small_log``); the 1280-d image embedding
+    (the decoder's ``encoder_hid_dim``, the prior's ``embedding_dim``, both towers' projection), the towers'
+    hidden widths (ViT-bigG/14: vision 1664, text 1280, 224-pixel images in 14-pixel patches), the UNet's
+    cross-attention width 768, 8 output channels (learned variance), its block types, its image-projection
+    conditioning and group-normed cross-attention, the MoVQ's block types, spatial norm, 16384 codes, 4-d latents
+    and 8x downsampling. Shrunk: one layer per tower, two UNet blocks of 32/64 channels (4-wide heads), MoVQ
+    channels 32, a one-layer prior of two 32-wide heads; the prior's ``clip_std`` is ones (the real one holds the
+    statistics of CLIP image embeddings).
+    """
+    from diffusers import (
+        DDPMScheduler,
+        KandinskyV22Pipeline,
+        KandinskyV22PriorPipeline,
+        PriorTransformer,
+        UnCLIPScheduler,
+        VQModel,
+    )
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    folders = _repo_folders(folder, "kandinsky-2-2")
+    tokenizer = tiny_clip_tokenizer()
+    embedding = CLIP_MODELS[VIT_BIG_G]["projection"]
+
+    torch.manual_seed(seed)
+    clip = CLIPModel(_clip_config(VIT_BIG_G, tokenizer))
+    prior = PriorTransformer(
+        num_attention_heads=2, attention_head_dim=32, num_layers=1, embedding_dim=embedding, num_embeddings=77
+    )
+    with torch.no_grad():
+        prior.clip_std.fill_(1.0)
+    KandinskyV22PriorPipeline(
+        prior=prior,
+        image_encoder=_clip_tower(clip, "vision"),
+        text_encoder=_clip_tower(clip, "text"),
+        tokenizer=tokenizer,
+        scheduler=UnCLIPScheduler(
+            num_train_timesteps=1000,
+            variance_type="fixed_small_log",
+            clip_sample=True,
+            clip_sample_range=10.0,
+            prediction_type="sample",
+        ),
+        image_processor=CLIPImageProcessor(),
+    ).save_pretrained(folders["prior"])
+    _as_published(folders["prior"])
+    unet = _tiny_unet(
+        None,
+        cross_attention_dim=768,
+        out_channels=8,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        attention_head_dim=4,
+        addition_embed_type="image",
+        addition_embed_type_num_heads=64,
+        encoder_hid_dim=embedding,
+        encoder_hid_dim_type="image_proj",
+        cross_attention_norm="group_norm",
+        resnet_time_scale_shift="scale_shift",
+        upcast_attention=False,
+        use_linear_projection=False,
+    )
+    movq = VQModel(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",),
+        up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        norm_type="spatial",
+        num_vq_embeddings=16384,
+        vq_embed_dim=4,
+        scaling_factor=0.18215,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        prediction_type="epsilon",
+        steps_offset=1,
+        timestep_spacing="leading",
+        variance_type="fixed_small",
+    )
+    KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq).save_pretrained(folders["decoder"])
+    _save_clip(clip, tokenizer, folders["clip"])
+    return folders
+
+
+def _save_ip_adapter(unet, image_embed_dim: int, path: Path) -> None:
+    """Write a plain (not "plus") IP-Adapter for ``unet`` as h94/IP-Adapter's files hold one (float16).
+
+    ``image_proj.proj`` maps an image embedding to 4 tokens of the UNet's cross-attention width and
+    ``image_proj.norm`` normalises them; every cross-attention layer gets ``ip_adapter.<n>.to_k_ip`` and
+    ``to_v_ip``, with ``n`` = 1, 3, 5, ... counting all the UNet's attention layers in order, as diffusers'
+    ``load_ip_adapter`` reads them.
+    """
+    from diffusers.models.embeddings import ImageProjection
+    from safetensors.torch import save_file
+
+    width = unet.config.cross_attention_dim
+    # diffusers renames the file's "proj" to its own "image_embeds" on loading; this is the reverse.
+    projection = ImageProjection(image_embed_dim=image_embed_dim, cross_attention_dim=width, num_image_text_embeds=4)
+    tensors = {f"image_proj.{name.replace('image_embeds', 'proj')}": v for name, v in projection.state_dict().items()}
+    cross_attention = [name for name in unet.attn_processors if not name.endswith("attn1.processor")]
+    for index, name in enumerate(cross_attention):
+        hidden = unet.get_submodule(name.removesuffix(".processor")).to_q.in_features
+        for key in ("to_k_ip", "to_v_ip"):
+            tensors[f"ip_adapter.{2 * index + 1}.{key}.weight"] = torch.nn.Linear(width, hidden, bias=False).weight
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({name: value.detach().to(torch.float16).contiguous() for name, value in tensors.items()}, str(path))
+
+
+def _save_ip_adapter_repo(name: str, unet, clip, tokenizer, folders: dict[str, Path]) -> dict[str, Path]:
+    """Write the adapter of ``name`` for ``unet`` into h94/IP-Adapter's layout (weights, and the image encoder
+    beside them: ``clip``'s vision tower) and ``clip`` as its own repository; returns ``folders`` with
+    ``image_encoder`` added."""
+    files = IP_ADAPTER_FILES[name]
+    weights_folder = folders["adapter"] / files["subfolder"]
+    image_encoder = _clip_tower(clip, "vision")
+    _save_ip_adapter(unet, image_encoder.config.projection_dim, weights_folder / files["weight_name"])
+    image_encoder.save_pretrained(weights_folder / "image_encoder")
+    _save_clip(clip, tokenizer, folders["clip"])
+    return {**folders, "image_encoder": weights_folder / "image_encoder"}
+
+
+def save_sd15_ip_adapter_like(folder: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write Stable Diffusion 1.5 with IP-Adapter, laid out as ``stable-diffusion-v1-5/stable-diffusion-v1-5``,
+    ``h94/IP-Adapter`` (``models/ip-adapter_sd15.safetensors`` and ``models/image_encoder``) and
+    ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (the CLIP model of the adapter's image encoder) are, with tiny
+    random weights (``torch.manual_seed(seed)``).
+
+    Returns ``{"base": ..., "adapter": ..., "clip": ..., "image_encoder": ...}`` (the last inside ``adapter``);
+    :data:`DECODER_REPOS` has the ids and :data:`IP_ADAPTER_FILES` the arguments of ``load_ip_adapter``.
+
+    Real: folder and file names, classes and ``model_index.json`` (its safety checker included: diffusers loads it
+    offline); the PNDM scheduler config (scaled-linear betas 0.00085 to 0.012, ``skip_prk_steps``,
+    ``set_alpha_to_one`` false, ``steps_offset`` 1); the text encoder's width 768 (CLIP ViT-L/14's text tower) and
+    so the UNet's cross-attention width; the UNet's block pattern (cross-attention down blocks then a plain one);
+    the safety checker's ViT-L/14 widths; the adapter's keys, its 4 image tokens, float16 weights, and its 1024-d
+    input (ViT-H/14: vision hidden 1280, projection 1024). Shrunk: one layer per tower, two UNet blocks of 32/64
+    channels, a one-block VAE (no downsampling).
+    """
+    import copy
+
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTextModel
+
+    folders = _repo_folders(folder, "sd15-ip-adapter")
+    tokenizer = tiny_clip_tokenizer()
+    vit_l = _clip_config(VIT_L, tokenizer)
+
+    torch.manual_seed(seed)
+    clip = CLIPModel(_clip_config(VIT_H, tokenizer))
+    base = StableDiffusionPipeline(
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(copy.deepcopy(vit_l.text_config)),
+        tokenizer=tokenizer,
+        unet=_tiny_unet(
+            None, cross_attention_dim=vit_l.text_config.hidden_size, upcast_attention=False, use_linear_projection=False
+        ),
+        scheduler=PNDMScheduler(
+            num_train_timesteps=1000,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            set_alpha_to_one=False,
+            skip_prk_steps=True,
+            steps_offset=1,
+        ),
+        safety_checker=StableDiffusionSafetyChecker(vit_l),
+        feature_extractor=CLIPImageProcessor(),
+        image_encoder=None,
+    )
+    base.save_pretrained(folders["base"])
+    _as_published(folders["base"])
+    return _save_ip_adapter_repo("sd15-ip-adapter", base.unet, clip, tokenizer, folders)
 
 
 _DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
