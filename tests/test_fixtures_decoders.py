@@ -14,6 +14,7 @@ import torch
 from diffusers import (
     AutoPipelineForText2Image,
     DDPMScheduler,
+    EulerDiscreteScheduler,
     KandinskyV22Pipeline,
     KandinskyV22PriorPipeline,
     PNDMScheduler,
@@ -25,6 +26,7 @@ from hf_pds.testing import (
     IP_ADAPTER_FILES,
     save_kandinsky_like,
     save_sd15_ip_adapter_like,
+    save_sdxl_ip_adapter_like,
 )
 
 STEPS = {"num_inference_steps": 2, "output_type": "np"}
@@ -42,6 +44,7 @@ def written(tmp_path_factory):
     return {
         "kandinsky-2-2": save_kandinsky_like(root),
         "sd15-ip-adapter": save_sd15_ip_adapter_like(root),
+        "sdxl-ip-adapter": save_sdxl_ip_adapter_like(root),
     }
 
 
@@ -153,3 +156,33 @@ def test_sd15_with_its_ip_adapter_draws_from_image_embeddings(written):
     # At scale 0 the adapter adds nothing: the image no longer depends on the embedding.
     pipe.set_ip_adapter_scale(0.0)
     np.testing.assert_allclose(generate(pipe, embeds(0, 2, 1024)), generate(pipe, embeds(1, 2, 1024)), atol=1e-6)
+
+
+def test_sdxl_with_its_ip_adapter_draws_from_image_embeddings(written):
+    folders = written["sdxl-ip-adapter"]
+    assert model_index(folders["base"])["_class_name"] == "StableDiffusionXLPipeline"
+    # One h94/IP-Adapter folder holds both adapters, as the real repository does.
+    assert folders["adapter"] == written["sd15-ip-adapter"]["adapter"]
+    assert files_under(folders["adapter"]) == [
+        "models/image_encoder/config.json",
+        "models/image_encoder/model.safetensors",
+        "models/ip-adapter_sd15.safetensors",
+        "sdxl_models/image_encoder/config.json",
+        "sdxl_models/image_encoder/model.safetensors",
+        "sdxl_models/ip-adapter_sdxl.safetensors",
+    ]
+
+    pipe = ip_adapter_pipeline(folders, "sdxl-ip-adapter")
+    assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    assert pipe.image_encoder.config.projection_dim == 1280
+    assert same_space(folders["clip"], pipe.image_encoder)
+    # SDXL's second text encoder is the text tower of the adapter's CLIP model.
+    ids = pipe.tokenizer_2(["a red apple"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        from_clip = CLIPModel.from_pretrained(folders["clip"]).get_text_features(input_ids=ids).pooler_output
+        torch.testing.assert_close(pipe.text_encoder_2(ids).text_embeds, from_clip)
+
+    pipe.set_ip_adapter_scale(0.6)
+    first, second = generate(pipe, embeds(0, 2, 1280)), generate(pipe, embeds(1, 2, 1280))
+    assert first.shape == (2, 32, 32, 3)
+    assert np.abs(first - second).max() > 1e-3

@@ -635,6 +635,73 @@ def save_sd15_ip_adapter_like(folder: str | Path, seed: int = 0) -> dict[str, Pa
     return _save_ip_adapter_repo("sd15-ip-adapter", base.unet, clip, tokenizer, folders)
 
 
+def save_sdxl_ip_adapter_like(folder: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write Stable Diffusion XL with IP-Adapter, laid out as ``stabilityai/stable-diffusion-xl-base-1.0``,
+    ``h94/IP-Adapter`` (``sdxl_models/ip-adapter_sdxl.safetensors`` and ``sdxl_models/image_encoder``) and
+    ``laion/CLIP-ViT-bigG-14-laion2B-39B-b160k`` are, with tiny random weights (``torch.manual_seed(seed)``).
+
+    Returns ``{"base": ..., "adapter": ..., "clip": ..., "image_encoder": ...}`` like
+    :func:`save_sd15_ip_adapter_like`; written into the same folder, the two share one ``IP-Adapter`` folder.
+
+    Real: folder and file names, classes and ``model_index.json`` (``force_zeros_for_empty_prompt``); the Euler
+    scheduler config (scaled-linear betas 0.00085 to 0.012, epsilon, ``steps_offset`` 1, "leading", linear
+    interpolation, no Karras sigmas); the two text encoders' widths (CLIP ViT-L/14's text tower, 768, and
+    ViT-bigG/14's with its 1280-d projection, which is the same CLIP model's tower as the adapter's image encoder,
+    as in the real pair) and so the UNet's cross-attention width 2048 and its pooled-text input 1280; the UNet's
+    block pattern (a plain down block, then cross-attention) and linear projections; the VAE's scaling factor
+    0.13025; the adapter's keys, 4 image tokens, float16 weights and 1280-d input (ViT-bigG/14: vision hidden
+    1664). Shrunk: one layer per tower, two UNet blocks of 32/64 channels with one transformer layer each, 8-d
+    time-id embeddings (real 256), a one-block VAE (no downsampling).
+    """
+    import copy
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPModel, CLIPTextModel
+
+    folders = _repo_folders(folder, "sdxl-ip-adapter")
+    tokenizer = tiny_clip_tokenizer()
+    vit_l_text = _clip_config(VIT_L, tokenizer).text_config
+    big_g = CLIP_MODELS[VIT_BIG_G]
+    time_ids_width = 8
+
+    torch.manual_seed(seed)
+    clip = CLIPModel(_clip_config(VIT_BIG_G, tokenizer))
+    base = StableDiffusionXLPipeline(
+        vae=_tiny_vae(scaling_factor=0.13025),
+        text_encoder=CLIPTextModel(copy.deepcopy(vit_l_text)),
+        text_encoder_2=_clip_tower(clip, "text"),
+        tokenizer=tokenizer,
+        tokenizer_2=tiny_clip_tokenizer(),
+        unet=_tiny_unet(
+            None,
+            # The UNet attends to both text encoders' states side by side, and reads the second one's pooled
+            # projection with six time ids (sizes and crop).
+            cross_attention_dim=vit_l_text.hidden_size + big_g["text_hidden"],
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_ids_width,
+            projection_class_embeddings_input_dim=big_g["projection"] + 6 * time_ids_width,
+            upcast_attention=False,
+        ),
+        scheduler=EulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            prediction_type="epsilon",
+            interpolation_type="linear",
+            use_karras_sigmas=False,
+            steps_offset=1,
+            timestep_spacing="leading",
+        ),
+        force_zeros_for_empty_prompt=True,
+    )
+    base.save_pretrained(folders["base"])
+    _as_published(folders["base"])
+    return _save_ip_adapter_repo("sdxl-ip-adapter", base.unet, clip, tokenizer, folders)
+
+
 _DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
