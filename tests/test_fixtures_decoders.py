@@ -6,6 +6,7 @@ tiny generation. The checks are behaviour: the embedding a decoder reads changes
 written beside each decoder embeds in the space of the decoder's image encoder.
 """
 
+import hashlib
 import json
 
 import numpy as np
@@ -15,15 +16,20 @@ from diffusers import (
     AutoPipelineForText2Image,
     DDPMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
     KandinskyV22Pipeline,
     KandinskyV22PriorPipeline,
     PNDMScheduler,
 )
+from safetensors import safe_open
 from transformers import CLIPModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
 from hf_pds.testing import (
     DECODER_REPOS,
     IP_ADAPTER_FILES,
+    save_checkpoint_like,
+    save_flux_ip_adapter_like,
     save_kandinsky_like,
     save_sd15_ip_adapter_like,
     save_sdxl_ip_adapter_like,
@@ -45,6 +51,7 @@ def written(tmp_path_factory):
         "kandinsky-2-2": save_kandinsky_like(root),
         "sd15-ip-adapter": save_sd15_ip_adapter_like(root),
         "sdxl-ip-adapter": save_sdxl_ip_adapter_like(root),
+        "flux-ip-adapter": save_flux_ip_adapter_like(root),
     }
 
 
@@ -186,3 +193,48 @@ def test_sdxl_with_its_ip_adapter_draws_from_image_embeddings(written):
     first, second = generate(pipe, embeds(0, 2, 1280)), generate(pipe, embeds(1, 2, 1280))
     assert first.shape == (2, 32, 32, 3)
     assert np.abs(first - second).max() > 1e-3
+
+
+def test_flux_with_the_xlabs_ip_adapter_draws_from_clip_vit_l_embeddings(written, tmp_path):
+    folders = written["flux-ip-adapter"]
+    assert model_index(folders["base"])["tokenizer_2"] == ["transformers", "T5TokenizerFast"]
+    assert files_under(folders["adapter"]) == ["ip_adapter.safetensors"]
+    with safe_open(folders["adapter"] / "ip_adapter.safetensors", "pt") as weights:
+        names = set(weights.keys())
+    assert "ip_adapter_proj_model.proj.weight" in names
+    assert "double_blocks.0.processor.ip_adapter_double_stream_k_proj.bias" in names
+
+    pipe = FluxPipeline.from_pretrained(folders["base"])
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    pipe.load_ip_adapter(
+        str(folders["adapter"]),
+        **IP_ADAPTER_FILES["flux-ip-adapter"],
+        image_encoder_pretrained_model_name_or_path=str(folders["image_encoder"]),
+    )
+    pipe.set_ip_adapter_scale(1.0)
+    assert pipe.image_encoder.config.projection_dim == 768
+
+    def draw(positive):
+        return pipe(
+            prompt=["a red apple", "a blue car"],
+            negative_prompt=["", ""],
+            true_cfg_scale=4.0,
+            ip_adapter_image_embeds=[positive[:, None]],
+            negative_ip_adapter_image_embeds=[torch.zeros_like(positive)[:, None]],
+            height=32,
+            width=32,
+            generator=seeded(),
+            **STEPS,
+        ).images
+
+    first, second = draw(embeds(0, 2, 768)), draw(embeds(1, 2, 768))
+    assert first.shape == (2, 32, 32, 3)
+    assert np.abs(first - second).max() > 1e-3
+
+    # The paper's space: the same seed gives the very CLIP ViT-L/14 that stable-diffusion-2-1-unclip-small's
+    # fixture writes, so the two decoders can share embeddings.
+    _, unclip_clip = save_checkpoint_like(tmp_path, "stable-diffusion-2-1-unclip-small")
+    digest = [
+        hashlib.sha1((clip / "model.safetensors").read_bytes()).hexdigest() for clip in (unclip_clip, folders["clip"])
+    ]
+    assert digest[0] == digest[1]

@@ -3,6 +3,11 @@
 Everything here is built from configs (diffusers' own test sizes: 32x32 images, 32-d CLIP space), so a
 whole distillation runs on a CPU in seconds. The weights are random: the images show the mechanics of
 the method, not its quality.
+
+The ``save_*_like`` writers lay out the real checkpoints of each decoder as their Hub repositories are (files,
+classes, scheduler configs, embedding widths) with one-layer models, for tests of the path a user takes with
+the real ones: ``save_checkpoint_like`` (stable unCLIP 2.1), ``save_kandinsky_like``, ``save_sd15_ip_adapter_like``,
+``save_sdxl_ip_adapter_like`` and ``save_flux_ip_adapter_like``.
 """
 
 from __future__ import annotations
@@ -72,6 +77,19 @@ def tiny_clip_tokenizer():
         write_tiny_clip_vocabulary(folder)
         # Without model_max_length the tokenizer's default (a huge int) breaks padding to max length.
         return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+
+
+def tiny_t5_tokenizer():
+    """A T5 tokenizer (Unigram, as T5's SentencePiece model) over a tiny vocabulary: ``<pad>``, ``</s>``,
+    ``<unk>`` first as in T5, then letters, digits, punctuation and a few whole words; 512 positions, as T5."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(char, -3.0) for char in string.ascii_letters + string.digits + string.punctuation]
+    pieces += [("\u2581" + word, -1.0) for word in _MERGED_WORDS]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
 def unclip_scheduler():
@@ -329,21 +347,19 @@ def _clip_config(clip_model: str, tokenizer):
     )
 
 
-def _clip_tower(clip, tower: str):
-    """``clip``'s ``"vision"`` tower as a ``CLIPVisionModelWithProjection`` or its ``"text"`` tower as a
-    ``CLIPTextModelWithProjection``, with the same weights: the decoders ship single towers of published CLIP
-    models, and the text tower of the same model embeds captions in the decoder's space."""
+def _clip_tower(clip, tower_class):
+    """One tower of ``clip`` as a model of ``tower_class`` (``CLIPVisionModelWithProjection``,
+    ``CLIPTextModelWithProjection`` or ``CLIPTextModel``) with the same weights: the decoders ship single towers of
+    published CLIP models, and the other tower of the same model embeds in the decoder's space."""
     import copy
 
-    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionConfig
 
-    if tower == "vision":
-        model = CLIPVisionModelWithProjection(copy.deepcopy(clip.config.vision_config))
-        prefixes = ("vision_model.", "visual_projection.")
-    else:
-        model = CLIPTextModelWithProjection(copy.deepcopy(clip.config.text_config))
-        prefixes = ("text_model.", "text_projection.")
-    model.load_state_dict({name: value for name, value in clip.state_dict().items() if name.startswith(prefixes)})
+    vision = tower_class.config_class is CLIPVisionConfig
+    model = tower_class(copy.deepcopy(clip.config.vision_config if vision else clip.config.text_config))
+    # CLIPModel's names are "<tower>_model.*" and "*_projection"; transformers 5's CLIPTextModel drops the prefix.
+    source, prefix = clip.state_dict(), "vision_model." if vision else "text_model."
+    model.load_state_dict({name: source[name if name in source else prefix + name] for name in model.state_dict()})
     return model
 
 
@@ -370,7 +386,13 @@ def save_checkpoint_like(
     """
     from diffusers import StableUnCLIPImg2ImgPipeline
     from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionModelWithProjection,
+    )
 
     if checkpoint not in CHECKPOINT_LAYOUTS:
         raise ValueError(f"checkpoint must be one of {sorted(CHECKPOINT_LAYOUTS)}, got {checkpoint!r}.")
@@ -383,7 +405,7 @@ def save_checkpoint_like(
     clip = CLIPModel(_clip_config(layout["clip_model"], tokenizer))
     components = {
         "feature_extractor": CLIPImageProcessor(),
-        "image_encoder": _clip_tower(clip, "vision"),
+        "image_encoder": _clip_tower(clip, CLIPVisionModelWithProjection),
         "image_normalizer": StableUnCLIPImageNormalizer(embedding_dim=projection),
         "image_noising_scheduler": image_noising_scheduler(),
         "tokenizer": tokenizer,
@@ -416,12 +438,15 @@ DECODER_REPOS = {
         "adapter": "h94/IP-Adapter",
         "clip": VIT_BIG_G,
     },
+    "flux-ip-adapter": {"base": "black-forest-labs/FLUX.1-dev", "adapter": "XLabs-AI/flux-ip-adapter", "clip": VIT_L},
 }
 # Where each IP-Adapter's weights lie in h94/IP-Adapter: ``load_ip_adapter(adapter, **IP_ADAPTER_FILES[name])``
 # (the image encoder is the ``image_encoder`` folder beside the weights).
 IP_ADAPTER_FILES = {
     "sd15-ip-adapter": {"subfolder": "models", "weight_name": "ip-adapter_sd15.safetensors"},
     "sdxl-ip-adapter": {"subfolder": "sdxl_models", "weight_name": "ip-adapter_sdxl.safetensors"},
+    # FLUX's load_ip_adapter takes the image encoder's repository instead: the CLIP folder.
+    "flux-ip-adapter": {"weight_name": "ip_adapter.safetensors"},
 }
 
 
@@ -429,14 +454,19 @@ def _repo_folders(folder: str | Path, name: str) -> dict[str, Path]:
     return {role: Path(folder) / hub_id.split("/")[1] for role, hub_id in DECODER_REPOS[name].items()}
 
 
+# Classes that transformers 5 saves under another name than the published files give: without torchvision, its
+# PIL fallback for CLIPImageProcessor; the T5 tokenizer, which it no longer splits into slow and fast.
+_PUBLISHED_CLASS_NAMES = {"CLIPImageProcessorPil": "CLIPImageProcessor", "T5Tokenizer": "T5TokenizerFast"}
+
+
 def _as_published(pipeline_folder: Path) -> None:
-    """Make ``model_index.json`` name the components as the published files do: ``CLIPImageProcessor`` (without
-    torchvision, transformers saves its ``CLIPImageProcessorPil`` fallback under that name) and no ``[null, null]``
-    entries (diffusers writes them for optional components; the published files predate them)."""
+    """Make ``model_index.json`` name the components as the published file does: the class names transformers 4
+    wrote (:data:`_PUBLISHED_CLASS_NAMES`; transformers 5 loads them), and no ``[null, null]`` entries (diffusers
+    writes them for optional components; the published files predate them)."""
     index_path = pipeline_folder / "model_index.json"
     index = json.loads(index_path.read_text(encoding="utf-8"))
     published = {
-        key: ["transformers", "CLIPImageProcessor"] if value == ["transformers", "CLIPImageProcessorPil"] else value
+        key: [value[0], _PUBLISHED_CLASS_NAMES.get(value[1], value[1])] if isinstance(value, list) else value
         for key, value in index.items()
         if value != [None, None]
     }
@@ -469,7 +499,12 @@ def save_kandinsky_like(folder: str | Path, seed: int = 0) -> dict[str, Path]:
         UnCLIPScheduler,
         VQModel,
     )
-    from transformers import CLIPImageProcessor, CLIPModel
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPTextModelWithProjection,
+        CLIPVisionModelWithProjection,
+    )
 
     folders = _repo_folders(folder, "kandinsky-2-2")
     tokenizer = tiny_clip_tokenizer()
@@ -484,8 +519,8 @@ def save_kandinsky_like(folder: str | Path, seed: int = 0) -> dict[str, Path]:
         prior.clip_std.fill_(1.0)
     KandinskyV22PriorPipeline(
         prior=prior,
-        image_encoder=_clip_tower(clip, "vision"),
-        text_encoder=_clip_tower(clip, "text"),
+        image_encoder=_clip_tower(clip, CLIPVisionModelWithProjection),
+        text_encoder=_clip_tower(clip, CLIPTextModelWithProjection),
         tokenizer=tokenizer,
         scheduler=UnCLIPScheduler(
             num_train_timesteps=1000,
@@ -544,37 +579,49 @@ def save_kandinsky_like(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     return folders
 
 
-def _save_ip_adapter(unet, image_embed_dim: int, path: Path) -> None:
-    """Write a plain (not "plus") IP-Adapter for ``unet`` as h94/IP-Adapter's files hold one (float16).
-
-    ``image_proj.proj`` maps an image embedding to 4 tokens of the UNet's cross-attention width and
-    ``image_proj.norm`` normalises them; every cross-attention layer gets ``ip_adapter.<n>.to_k_ip`` and
-    ``to_v_ip``, with ``n`` = 1, 3, 5, ... counting all the UNet's attention layers in order, as diffusers'
-    ``load_ip_adapter`` reads them.
-    """
+def _image_projection_weights(prefix: str, image_embed_dim: int, width: int) -> dict:
+    """A plain (not "plus") IP-Adapter's image projection under its file's names: ``<prefix>.proj`` maps an image
+    embedding to 4 tokens of ``width`` and ``<prefix>.norm`` normalises them (diffusers loads them into its
+    ``ImageProjection``, whose ``image_embeds`` is the file's ``proj``)."""
     from diffusers.models.embeddings import ImageProjection
+
+    projection = ImageProjection(image_embed_dim=image_embed_dim, cross_attention_dim=width, num_image_text_embeds=4)
+    return {f"{prefix}.{name.replace('image_embeds', 'proj')}": v for name, v in projection.state_dict().items()}
+
+
+def _save_16_bit(tensors: dict, path: Path) -> None:
+    """Save adapter weights in float16, as the published adapters are (16-bit) safetensors files."""
     from safetensors.torch import save_file
 
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({name: value.detach().to(torch.float16).contiguous() for name, value in tensors.items()}, str(path))
+
+
+def _save_ip_adapter(unet, image_embed_dim: int, path: Path) -> None:
+    """Write a plain IP-Adapter for ``unet`` as h94/IP-Adapter's files hold one (float16): ``image_proj.*``
+    (:func:`_image_projection_weights`, tokens of the UNet's cross-attention width) and, for every cross-attention
+    layer, ``ip_adapter.<n>.to_k_ip`` and ``to_v_ip``, with ``n`` = 1, 3, 5, ... counting all the UNet's attention
+    layers in order, as diffusers' ``load_ip_adapter`` reads them.
+    """
     width = unet.config.cross_attention_dim
-    # diffusers renames the file's "proj" to its own "image_embeds" on loading; this is the reverse.
-    projection = ImageProjection(image_embed_dim=image_embed_dim, cross_attention_dim=width, num_image_text_embeds=4)
-    tensors = {f"image_proj.{name.replace('image_embeds', 'proj')}": v for name, v in projection.state_dict().items()}
+    tensors = _image_projection_weights("image_proj", image_embed_dim, width)
     cross_attention = [name for name in unet.attn_processors if not name.endswith("attn1.processor")]
     for index, name in enumerate(cross_attention):
         hidden = unet.get_submodule(name.removesuffix(".processor")).to_q.in_features
         for key in ("to_k_ip", "to_v_ip"):
             tensors[f"ip_adapter.{2 * index + 1}.{key}.weight"] = torch.nn.Linear(width, hidden, bias=False).weight
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({name: value.detach().to(torch.float16).contiguous() for name, value in tensors.items()}, str(path))
+    _save_16_bit(tensors, path)
 
 
 def _save_ip_adapter_repo(name: str, unet, clip, tokenizer, folders: dict[str, Path]) -> dict[str, Path]:
     """Write the adapter of ``name`` for ``unet`` into h94/IP-Adapter's layout (weights, and the image encoder
     beside them: ``clip``'s vision tower) and ``clip`` as its own repository; returns ``folders`` with
     ``image_encoder`` added."""
+    from transformers import CLIPVisionModelWithProjection
+
     files = IP_ADAPTER_FILES[name]
     weights_folder = folders["adapter"] / files["subfolder"]
-    image_encoder = _clip_tower(clip, "vision")
+    image_encoder = _clip_tower(clip, CLIPVisionModelWithProjection)
     _save_ip_adapter(unet, image_encoder.config.projection_dim, weights_folder / files["weight_name"])
     image_encoder.save_pretrained(weights_folder / "image_encoder")
     _save_clip(clip, tokenizer, folders["clip"])
@@ -656,7 +703,7 @@ def save_sdxl_ip_adapter_like(folder: str | Path, seed: int = 0) -> dict[str, Pa
     import copy
 
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPModel, CLIPTextModel
+    from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection
 
     folders = _repo_folders(folder, "sdxl-ip-adapter")
     tokenizer = tiny_clip_tokenizer()
@@ -669,7 +716,7 @@ def save_sdxl_ip_adapter_like(folder: str | Path, seed: int = 0) -> dict[str, Pa
     base = StableDiffusionXLPipeline(
         vae=_tiny_vae(scaling_factor=0.13025),
         text_encoder=CLIPTextModel(copy.deepcopy(vit_l_text)),
-        text_encoder_2=_clip_tower(clip, "text"),
+        text_encoder_2=_clip_tower(clip, CLIPTextModelWithProjection),
         tokenizer=tokenizer,
         tokenizer_2=tiny_clip_tokenizer(),
         unet=_tiny_unet(
@@ -700,6 +747,101 @@ def save_sdxl_ip_adapter_like(folder: str | Path, seed: int = 0) -> dict[str, Pa
     base.save_pretrained(folders["base"])
     _as_published(folders["base"])
     return _save_ip_adapter_repo("sdxl-ip-adapter", base.unet, clip, tokenizer, folders)
+
+
+def save_flux_ip_adapter_like(folder: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write FLUX.1 [dev] with the XLabs IP-Adapter, laid out as ``black-forest-labs/FLUX.1-dev``,
+    ``XLabs-AI/flux-ip-adapter`` (``ip_adapter.safetensors``) and ``openai/clip-vit-large-patch14`` (the adapter's
+    image encoder, loaded with ``image_encoder_pretrained_model_name_or_path``) are, with tiny random weights
+    (``torch.manual_seed(seed)``).
+
+    Returns ``{"base": ..., "adapter": ..., "clip": ..., "image_encoder": ...}`` (the image encoder is the CLIP
+    folder). The CLIP model is built first from the seed, as :func:`save_checkpoint_like` builds
+    stable-diffusion-2-1-unclip-small's: the same seed gives the same CLIP weights, as the two real decoders share
+    the real CLIP ViT-L/14.
+
+    Real: folder and file names, classes and ``model_index.json``; the flow-matching scheduler config (shift 3,
+    dynamic shifting between 0.5 and 1.15 over 256 to 4096 tokens); the CLIP text encoder (ViT-L/14's text tower,
+    the same CLIP model as the image encoder, pooled width 768) and T5's width 4096 (the transformer's
+    ``joint_attention_dim``, which the adapter's image tokens share); the transformer's 64 input channels (16
+    latent channels packed 2x2), guidance embedding and patch size 1; the VAE's 16 latent channels, scaling 0.3611
+    and shift 0.1159, no quant convs; the adapter's keys (``ip_adapter_proj_model.*``, ``double_blocks.<n>.processor
+    .ip_adapter_double_stream_{k,v}_proj.*``), 4 image tokens and 768-d input (the 16-bit dtype is float16 here).
+    Shrunk: one double and one single transformer block of two 16-wide heads (rope axes 4/6/6), a one-layer T5
+    (two 8-wide heads, a tiny vocabulary), one layer per CLIP tower, a one-block VAE (no downsampling).
+    """
+    import copy
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPModel, CLIPTextModel, T5Config, T5EncoderModel
+
+    folders = _repo_folders(folder, "flux-ip-adapter")
+    tokenizer = tiny_clip_tokenizer()
+    t5_tokenizer = tiny_t5_tokenizer()
+    t5_width = 4096
+
+    torch.manual_seed(seed)
+    clip = CLIPModel(_clip_config(VIT_L, tokenizer))
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_width,
+        pooled_projection_dim=clip.config.text_config.hidden_size,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=t5_width,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_heads=2,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+        )
+    )
+    FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        vae=_tiny_vae(
+            latent_channels=16,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+        text_encoder=_clip_tower(clip, CLIPTextModel),
+        tokenizer=copy.deepcopy(tokenizer),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    ).save_pretrained(folders["base"])
+    _as_published(folders["base"])
+
+    # XLabs' own names: diffusers maps "double_blocks.<n>.processor.ip_adapter_double_stream_k_proj" to the n-th
+    # double block's "to_k_ip". The image tokens have T5's width, which the transformer's joint attention reads.
+    tensors = _image_projection_weights("ip_adapter_proj_model", clip.config.projection_dim, t5_width)
+    for block in range(len(transformer.transformer_blocks)):
+        for key in ("k", "v"):
+            layer = torch.nn.Linear(t5_width, transformer.inner_dim)
+            prefix = f"double_blocks.{block}.processor.ip_adapter_double_stream_{key}_proj"
+            tensors.update({f"{prefix}.weight": layer.weight, f"{prefix}.bias": layer.bias})
+    _save_16_bit(tensors, folders["adapter"] / IP_ADAPTER_FILES["flux-ip-adapter"]["weight_name"])
+    _save_clip(clip, tokenizer, folders["clip"])
+    return {**folders, "image_encoder": folders["clip"]}
 
 
 _DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
