@@ -83,6 +83,16 @@ def _add_distill_options(distill: argparse.ArgumentParser, defaults: dict) -> No
         f"prototype, no diffusion model) (default: {DEFAULT_CHECKPOINT}; demo: tiny random pipeline)",
     )
     generation.add_argument(
+        "--ip-adapter",
+        help="IP-Adapter repository or folder, for a Stable Diffusion 1.5 or SDXL --pipeline (default: h94/IP-Adapter)",
+    )
+    generation.add_argument(
+        "--ip-adapter-scale",
+        type=float,
+        default=defaults["ip_adapter_scale"],
+        help="IP-Adapter only: weight of the image prototype against the prompt (default: 1.0, its authors')",
+    )
+    generation.add_argument(
         "--clip-model",
         help="CLIP model of the text tower when the checkpoint has none; with --pipeline select, of both towers "
         "(default: openai/clip-vit-large-patch14)",
@@ -331,7 +341,10 @@ def _distill(args: argparse.Namespace) -> Path:
     else:
         name = args.pipeline or DEFAULT_CHECKPOINT
         try:
-            pipeline = PDSPipeline.from_pretrained(name, clip_model_name_or_path=args.clip_model, dtype=dtype)
+            adapter = {"ip_adapter": args.ip_adapter} if args.ip_adapter is not None else {}
+            pipeline = PDSPipeline.from_pretrained(
+                name, clip_model_name_or_path=args.clip_model, dtype=dtype, **adapter
+            )
         except CheckpointNotFoundError:  # its message says all: the id and where the paper's checkpoints are
             raise
         except Exception as error:  # diffusers and transformers raise many types for a folder or id they cannot load

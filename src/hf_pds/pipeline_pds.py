@@ -269,14 +269,19 @@ class PDSPipeline(DiffusionPipeline):
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         clip_model_name_or_path: str | os.PathLike | None = None,
+        ip_adapter: str | os.PathLike | None = None,
+        ip_adapter_weight_name: str | None = None,
+        ip_adapter_subfolder: str | None = None,
         **kwargs,
     ) -> PDSPipeline:
         r"""
         Load a PDS pipeline: a saved ``PDSPipeline`` folder, a decoder checkpoint, or ``"select"``.
 
-        The decoder family is read from the checkpoint's ``model_index.json`` (``StableUnCLIPImg2ImgPipeline``:
-        ``unclip``). ``stabilityai/stable-diffusion-2-1-unclip(-small)``, withdrawn from the Hub, is read from the
-        Hub cache when it is there, and from its ``sd2-community/`` mirror otherwise (with a warning).
+        The decoder family is read from the checkpoint's ``model_index.json``: ``StableUnCLIPImg2ImgPipeline``
+        (``unclip``), ``KandinskyV22Pipeline`` (``kandinsky``), ``StableDiffusionPipeline`` (``ip_adapter``) or
+        ``StableDiffusionXLPipeline`` (``ip_adapter_xl``). ``stabilityai/stable-diffusion-2-1-unclip(-small)``,
+        withdrawn from the Hub, is read from the Hub cache when it is there, and from its ``sd2-community/`` mirror
+        otherwise (with a warning).
 
         Args:
             pretrained_model_name_or_path: Hub id or local folder, such as
@@ -285,7 +290,12 @@ class PDSPipeline(DiffusionPipeline):
             clip_model_name_or_path: the CLIP model whose ``CLIPTextModelWithProjection`` and tokenizer embed the
                 captions, when the checkpoint has none; defaults to the CLIP model of the checkpoint's image encoder
                 (``openai/clip-vit-large-patch14`` for the ``-small`` checkpoint). With ``"select"``, the CLIP
-                model of both towers (default: ``openai/clip-vit-large-patch14``).
+                model of both towers (default: ``openai/clip-vit-large-patch14``). For Kandinsky 2.2, the prior that
+                holds both towers (default: ``kandinsky-community/kandinsky-2-2-prior``).
+            ip_adapter: SD 1.5 and SDXL checkpoints: the IP-Adapter repository or folder (default:
+                ``h94/IP-Adapter``), loaded with ``load_ip_adapter``; its image encoder embeds the images.
+            ip_adapter_weight_name, ip_adapter_subfolder: where the adapter's weights lie in it (default:
+                ``models/ip-adapter_sd15.safetensors``, ``sdxl_models/ip-adapter_sdxl.safetensors``).
             **kwargs: passed to the decoder's ``from_pretrained`` (``dtype`` or ``torch_dtype``, ``revision``, ...);
                 ``dtype``, ``cache_dir``, ``local_files_only`` and ``token`` also apply to the CLIP towers.
 
@@ -309,13 +319,31 @@ class PDSPipeline(DiffusionPipeline):
                 pipeline = super().from_pretrained(name, **kwargs)
             else:
                 decoder = decoder_of_class(class_name, name)
-                pipeline = cls(**decoder.load(name, clip_model_name_or_path, **kwargs), decoder=decoder.name)
-                pipeline.register_to_config(_name_or_path=str(name))
+                adapter = {"ip_adapter": ip_adapter, "ip_adapter_weight_name": ip_adapter_weight_name}
+                adapter = {**adapter, "ip_adapter_subfolder": ip_adapter_subfolder}
+                if "ip_adapter_scale" in decoder.defaults:
+                    kwargs = {**kwargs, **adapter}
+                elif any(value is not None for value in adapter.values()):
+                    raise ValueError(f"{name} is a {class_name} checkpoint: it takes no IP-Adapter.")
+                components = decoder.load(name, clip_model_name_or_path, **kwargs)
+                source = components.pop("_ip_adapter", None)
+                pipeline = cls(**components, decoder=decoder.name)
+                pipeline.register_to_config(_name_or_path=str(name), _ip_adapter=source)
             if pipeline.clip_text_encoder is None or pipeline.clip_tokenizer is None:
                 clip = clip_model_name_or_path or matching_clip_model(pipeline.image_encoder.config)
                 pipeline.register_modules(**load_text_tower(clip, dtype, loading))
         pipeline.check_components()
         return pipeline
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write every component, as ``DiffusionPipeline.save_pretrained`` does; ``PDSPipeline.from_pretrained``
+        loads them back. A pipeline with an IP-Adapter is refused: diffusers cannot reload an adapter's UNet."""
+        if "ip_adapter_scale" in self.decoder.defaults:
+            raise ValueError(
+                "A PDSPipeline with an IP-Adapter cannot be saved: load it again with "
+                "PDSPipeline.from_pretrained(<base checkpoint>, ip_adapter=...)."
+            )
+        super().save_pretrained(save_directory, **kwargs)
 
     @property
     def decoder(self) -> type[Decoder]:
@@ -818,6 +846,7 @@ class PDSPipeline(DiffusionPipeline):
             "image_encoder_revision": getattr(image_encoder, "_commit_hash", None)
             or snapshot_revision(image_encoder.name_or_path),
             "embedding_width": image_encoder.projection_dim,
+            "ip_adapter": getattr(self.config, "_ip_adapter", None),
             "clip_model": clip_config.name_or_path or "unknown",
             "clip_revision": getattr(clip_config, "_commit_hash", None) or snapshot_revision(clip_config.name_or_path),
             "hf_pds_version": hf_pds_version(),

@@ -379,15 +379,20 @@ def save_checkpoint_like(
     """Write a checkpoint laid out exactly as the real one is when diffusers and transformers save it, with tiny
     random weights; returns the keyword arguments of :meth:`PDSPipeline.from_pretrained` that load it.
 
-    For the two unCLIP checkpoints, ``folder/unclip`` is laid out as ``sd2-community/<checkpoint>`` and
-    ``folder/clip`` as its CLIP model: ``{"pretrained_model_name_or_path": folder/unclip,
-    "clip_model_name_or_path": folder/clip}``.
+    ``checkpoint`` is one of :data:`CHECKPOINT_NAMES`. For the two unCLIP checkpoints, ``folder/unclip`` is laid out
+    as ``sd2-community/<checkpoint>`` and ``folder/clip`` as its CLIP model: ``{"pretrained_model_name_or_path":
+    folder/unclip, "clip_model_name_or_path": folder/clip}``. ``"kandinsky-2-2"`` (:func:`save_kandinsky_like`)
+    gives the decoder, and its prior as ``clip_model_name_or_path``; ``"sd15-ip-adapter"`` and ``"sdxl-ip-adapter"``
+    (:func:`save_sd15_ip_adapter_like`, :func:`save_sdxl_ip_adapter_like`) the base checkpoint, ``ip_adapter`` and
+    the CLIP model of the adapter's image encoder.
 
     ``unclip`` is a ``StableUnCLIPImg2ImgPipeline`` folder: the real components, classes, scheduler configs (PNDM,
     v-prediction; DDPM squared cosine for the image noise) and embedding widths (768-d for ``-small``, 1024-d for
     the other), no CLIP text tower. ``clip`` is a ``CLIPModel`` folder (both towers, tokenizer, image processor)
     whose vision tower is the checkpoint's image encoder, as in the real pair. Every model has one layer.
     """
+    if checkpoint in _DECODER_FIXTURES:
+        return _DECODER_FIXTURES[checkpoint](folder, seed)
     from diffusers import StableUnCLIPImg2ImgPipeline
     from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
     from transformers import (
@@ -399,7 +404,7 @@ def save_checkpoint_like(
     )
 
     if checkpoint not in CHECKPOINT_LAYOUTS:
-        raise ValueError(f"checkpoint must be one of {sorted(CHECKPOINT_LAYOUTS)}, got {checkpoint!r}.")
+        raise ValueError(f"checkpoint must be one of {list(CHECKPOINT_NAMES)}, got {checkpoint!r}.")
     layout = CHECKPOINT_LAYOUTS[checkpoint]
     folder = Path(folder)
     tokenizer = tiny_clip_tokenizer()
@@ -846,6 +851,32 @@ def save_flux_ip_adapter_like(folder: str | Path, seed: int = 0) -> dict[str, Pa
     _save_16_bit(tensors, folders["adapter"] / IP_ADAPTER_FILES["flux-ip-adapter"]["weight_name"])
     _save_clip(clip, tokenizer, folders["clip"])
     return {**folders, "image_encoder": folders["clip"]}
+
+
+def _kandinsky_kwargs(folder: str | Path, seed: int) -> dict[str, str]:
+    folders = save_kandinsky_like(folder, seed)
+    return {"pretrained_model_name_or_path": str(folders["decoder"]), "clip_model_name_or_path": str(folders["prior"])}
+
+
+def _ip_adapter_kwargs(writer):
+    def write(folder: str | Path, seed: int) -> dict[str, str]:
+        folders = writer(folder, seed)
+        return {
+            "pretrained_model_name_or_path": str(folders["base"]),
+            "ip_adapter": str(folders["adapter"]),
+            "clip_model_name_or_path": str(folders["clip"]),
+        }
+
+    return write
+
+
+# What save_checkpoint_like writes besides the unCLIP checkpoints, and how PDSPipeline.from_pretrained loads it.
+_DECODER_FIXTURES = {
+    "kandinsky-2-2": _kandinsky_kwargs,
+    "sd15-ip-adapter": _ip_adapter_kwargs(save_sd15_ip_adapter_like),
+    "sdxl-ip-adapter": _ip_adapter_kwargs(save_sdxl_ip_adapter_like),
+}
+CHECKPOINT_NAMES = (*CHECKPOINT_LAYOUTS, *_DECODER_FIXTURES)
 
 
 _DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

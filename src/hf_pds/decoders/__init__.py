@@ -9,10 +9,16 @@ from the ``_class_name`` of its ``model_index.json``.
 from __future__ import annotations
 
 from .base import Decoder
+from .ip_adapter import IPAdapterDecoder, IPAdapterXLDecoder
+from .kandinsky import KandinskyDecoder
 from .select import SelectDecoder
 from .unclip import UnCLIPDecoder
 
-DECODERS: dict[str, type[Decoder]] = {decoder.name: decoder for decoder in (UnCLIPDecoder, SelectDecoder)}
+# In the order infer_decoder tries them: a family whose components include another's comes first.
+DECODERS: dict[str, type[Decoder]] = {
+    decoder.name: decoder
+    for decoder in (UnCLIPDecoder, KandinskyDecoder, IPAdapterXLDecoder, IPAdapterDecoder, SelectDecoder)
+}
 
 
 def decoder_named(name: str) -> type[Decoder]:
