@@ -246,3 +246,73 @@ def test_an_unknown_pipeline_class_is_refused_with_the_known_ones(tmp_path):
     (folder / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
     with pytest.raises(ValueError, match="is a WanPipeline checkpoint, which no hf-pds decoder reads"):
         PDSPipeline.from_pretrained(folder)
+
+
+# 3. Kandinsky 2.2 and IP-Adapter, on checkpoint-shaped fixtures.
+
+FAMILIES = {  # README block of the "Decoders" section, fixture name, decoder, output folder
+    "kandinsky": (2, "kandinsky-2-2", "flickr30k-kandinsky-500"),
+    "ip_adapter": (3, "sd15-ip-adapter", "flickr30k-ip-adapter-500"),
+    "ip_adapter_xl": (4, "sdxl-ip-adapter", "flickr30k-ip-adapter-xl-500"),
+}
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """Every family's fixture, written into one folder, and a Hub cache that holds them under their real ids."""
+    from hf_pds.testing import DECODER_REPOS, save_checkpoint_like
+
+    root = tmp_path_factory.mktemp("families")
+    loads = {decoder: save_checkpoint_like(root, name) for decoder, (_, name, _) in FAMILIES.items()}
+    repos = {
+        hub_id: root / hub_id.split("/")[1]
+        for _, name, _ in FAMILIES.values()
+        for hub_id in DECODER_REPOS[name].values()
+    }
+    return loads, hub_cache(tmp_path_factory.mktemp("families-hub"), repos)
+
+
+@pytest.mark.parametrize("decoder", list(FAMILIES))
+def test_the_readme_example_of_each_decoder_runs_as_written(families, decoder, tmp_path):
+    index, _, output = FAMILIES[decoder]
+    _, cache = families
+    code = readme_block("Decoders", index=index)
+    for old, new in {
+        '.to("cuda")': '.to("cpu")',
+        "dtype=torch.float16": "dtype=torch.float32",
+        '"my-org/flickr30k"': repr(str(source_folder(tmp_path))),
+        "budget=500": "budget=2, num_inference_steps=2, output_size=40",
+    }.items():
+        assert old in code, f"the README no longer says {old!r}"
+        code = code.replace(old, new)
+    code += (
+        f"\nreloaded = load_dataset({output!r}, split='train')"
+        "\nprint('RESULT', out.settings['decoder'], out.provenance['embedding_width'], reloaded.num_rows)\n"
+    )
+    result = run_python(code, tmp_path, cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
+    width = {"kandinsky": "1280", "ip_adapter": "1024", "ip_adapter_xl": "1280"}[decoder]
+    assert line.split()[1:] == [decoder, width, "2"]
+    card = (tmp_path / output / "README.md").read_text()
+    assert f"| `decoder` | `{decoder}` |" in card
+
+
+@pytest.mark.parametrize("decoder", list(FAMILIES))
+def test_each_decoder_resumes_after_a_crash_and_keeps_the_best_of_n(families, decoder, tmp_path, monkeypatch):
+    loads, _ = families
+    pipe = PDSPipeline.from_pretrained(**loads[decoder])
+    assert pipe.config.decoder == decoder
+    source = mixed_dataset(6)
+    arguments = {"budget": 2, "candidates": 2, "num_inference_steps": 2, "output_size": 40}
+    whole = pipe(source, output_dir=tmp_path / "whole", **arguments)
+    crash_encoding_after(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="went down"):
+        pipe(source, output_dir=tmp_path / "resumed", **arguments)
+    monkeypatch.undo()
+    assert len(list((tmp_path / ".resumed.pds-run" / "images").glob("*.png"))) == 2
+    pipe(source, output_dir=tmp_path / "resumed", **arguments)
+    assert folder_bytes(tmp_path / "resumed") == folder_bytes(tmp_path / "whole")
+    # Best of two: the kept image is the candidate of higher fidelity; candidate 0 alone is the one-image run.
+    single = pipe(source, **{**arguments, "candidates": 1})
+    assert np.all(np.asarray(whole.dataset["fidelity"]) >= np.asarray(single.dataset["fidelity"]))
