@@ -8,6 +8,7 @@ written beside each decoder embeds in the space of the decoder's image encoder.
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,7 +234,7 @@ def test_flux_with_the_xlabs_ip_adapter_draws_from_clip_vit_l_embeddings(written
 
     # The paper's space: the same seed gives the very CLIP ViT-L/14 that stable-diffusion-2-1-unclip-small's
     # fixture writes, so the two decoders can share embeddings.
-    _, unclip_clip = save_checkpoint_like(tmp_path, "stable-diffusion-2-1-unclip-small")
+    unclip_clip = Path(save_checkpoint_like(tmp_path, "stable-diffusion-2-1-unclip-small")["clip_model_name_or_path"])
     digest = [
         hashlib.sha1((clip / "model.safetensors").read_bytes()).hexdigest() for clip in (unclip_clip, folders["clip"])
     ]
