@@ -401,11 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     warm_prompts = ["a warm-up prompt"] * 2
     warm_seeds = [prototype_seed(0, index) for index in range(2)]
     synthesize(
-        pipe.unclip_pipeline(),
+        pipe.make_decoder(num_inference_steps=2),
         rng.normal(size=(2, width_embed)).astype(np.float32),
         warm_prompts,
         warm_seeds,
-        num_inference_steps=2,
         batch_size=2,
         batch_invariant=False,
     )
@@ -417,11 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         count = min(args.batch_size, args.subset)
         compile_seconds, _ = timed(
             lambda: synthesize(
-                pipe.unclip_pipeline(args.scheduler),
+                pipe.make_decoder(num_inference_steps=1, scheduler_preset=args.scheduler),
                 rng.normal(size=(count, width_embed)).astype(np.float32),
                 ["a warm-up prompt"] * count,
                 [prototype_seed(0, index) for index in range(count)],
-                num_inference_steps=1,
                 batch_size=args.batch_size,
                 batch_invariant=False,
             ),
@@ -479,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     reset_peak(device)
     reference_synthesis_seconds, _ = timed(
         lambda: reference_synthesis(
-            pipe.unclip_pipeline(), out_b.prototypes.image_prototypes, prompts, args.steps, device
+            pipe.make_decoder().pipeline, out_b.prototypes.image_prototypes, prompts, args.steps, device
         ),
         device,
     )

@@ -256,7 +256,7 @@ def test_distill_help_imports_neither_torch_nor_diffusers():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     help_text = " ".join(result.stdout.split())
-    assert "--guidance-scale GUIDANCE_SCALE guidance scale (default: 5.0)" in help_text
+    assert "--guidance-scale GUIDANCE_SCALE guidance scale (default: the decoder's, the paper's 5.0" in help_text
     assert result.stdout.splitlines()[-1] == "[]"
 
 

@@ -184,6 +184,11 @@ def render_card(dataset, prototypes, settings: dict, provenance: dict, repo_id: 
         value = provenance.get(key) or default
         return None if value is None else markdown_code(value)
 
+    def told_name(key: str, default: str | None = None) -> str | None:
+        """A model's name or path (its last part only: :func:`public_name`) as a code span."""
+        value = provenance.get(key) or default
+        return None if value is None else markdown_code(public_name(value))
+
     card = DatasetCard.from_template(
         card_data,
         template_str=template,
@@ -197,9 +202,12 @@ def render_card(dataset, prototypes, settings: dict, provenance: dict, repo_id: 
         source_images=settings.get("source_images"),
         source_captions=settings.get("source_captions"),
         skipped_rows=settings.get("skipped_rows", 0),
-        unclip_checkpoint=markdown_code(public_name(provenance.get("unclip_checkpoint") or "unknown")),
-        unclip_revision=told("unclip_revision"),
-        clip_model=markdown_code(public_name(provenance.get("clip_model") or "unknown")),
+        decoder=told("decoder", "unknown"),
+        decoder_checkpoint=told_name("decoder_checkpoint"),
+        decoder_revision=told("decoder_revision"),
+        image_encoder=told_name("image_encoder", "unknown"),
+        image_encoder_revision=told("image_encoder_revision"),
+        clip_model=told_name("clip_model", "unknown"),
         clip_revision=told("clip_revision"),
         hf_pds_version=escape_markdown(provenance.get("hf_pds_version") or "unknown"),
         notes=[escape_markdown(note) for note in notes],

@@ -78,15 +78,30 @@ def _add_distill_options(distill: argparse.ArgumentParser) -> None:
     generation = distill.add_argument_group("generation")
     generation.add_argument(
         "--pipeline",
-        help=f"PDSPipeline folder or unCLIP checkpoint (default: {defaults.DEFAULT_CHECKPOINT}; demo: tiny random "
-        "pipeline)",
+        help=f"PDSPipeline folder, decoder checkpoint (Hub id or folder) or 'select' (the real image nearest each "
+        f"prototype, no diffusion model) (default: {defaults.DEFAULT_CHECKPOINT}; demo: tiny random pipeline)",
     )
-    generation.add_argument("--clip-model", help="CLIP model of the text tower when the checkpoint has none")
+    generation.add_argument(
+        "--ip-adapter",
+        help="IP-Adapter repository or folder, for a Stable Diffusion 1.5 or SDXL --pipeline (default: h94/IP-Adapter)",
+    )
+    generation.add_argument(
+        "--ip-adapter-scale",
+        type=float,
+        default=None,
+        help="IP-Adapter only: weight of the image prototype against the prompt (default: 1.0, its authors')",
+    )
+    generation.add_argument(
+        "--clip-model",
+        help="CLIP model of the text tower when the checkpoint has none; with --pipeline select, of both towers "
+        "(default: openai/clip-vit-large-patch14)",
+    )
     generation.add_argument(
         "--num-inference-steps",
         type=int,
-        help=f"denoising steps (default: the paper's {defaults.default_steps(None)}, or the --scheduler preset's; "
-        f"demo: {DEMO_SETTINGS['num_inference_steps']})",
+        help="denoising steps (default: the decoder's, the paper's "
+        f"{defaults.DEFAULT_NUM_INFERENCE_STEPS} for unCLIP, or the --scheduler preset's; demo: "
+        f"{DEMO_SETTINGS['num_inference_steps']})",
     )
     generation.add_argument(
         "--scheduler",
@@ -108,17 +123,17 @@ def _add_distill_options(distill: argparse.ArgumentParser) -> None:
     generation.add_argument(
         "--guidance-scale",
         type=float,
-        default=defaults.DEFAULT_GUIDANCE_SCALE,
-        help="guidance scale (default: %(default)s)",
+        help=f"guidance scale (default: the decoder's, the paper's {defaults.DEFAULT_GUIDANCE_SCALE} for unCLIP)",
     )
     generation.add_argument(
         "--noise-level",
         type=int,
-        default=defaults.DEFAULT_NOISE_LEVEL,
-        help="image-embedding noise level (default: %(default)s)",
+        help=f"unCLIP's image-embedding noise level (default: the paper's {defaults.DEFAULT_NOISE_LEVEL})",
     )
     generation.add_argument(
-        "--negative-prompt", default=defaults.DEFAULT_NEGATIVE_PROMPT, help="negative prompt (default: %(default)r)"
+        "--negative-prompt",
+        help="negative prompt, '' for none (default: the decoder's, the paper's "
+        f"{defaults.DEFAULT_NEGATIVE_PROMPT!r} for unCLIP)",
     )
     generation.add_argument(
         "--output-size",
@@ -301,7 +316,7 @@ def _distill(args: argparse.Namespace) -> Path:
     check_seed(args.seed)
     resolve_kmeans_backend(args.kmeans_backend)
     check_generation_settings(
-        defaults.default_steps(args.scheduler) if steps is None else steps,
+        steps,
         args.guidance_scale,
         args.noise_level,
         _noise_steps(args.pipeline),
@@ -312,7 +327,7 @@ def _distill(args: argparse.Namespace) -> Path:
         value = getattr(args, option)
         if value is not None and value < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be a positive integer, got {value}.")
-    if args.pipeline is not None:
+    if args.pipeline not in (None, "select"):
         check_pipeline_folder(args.pipeline)
     output = check_output_folder(
         DEMO_OUTPUT if args.output is None else args.output,
@@ -336,6 +351,7 @@ def _load_and_distill(args: argparse.Namespace, output: Path, state, device: str
     """Steps 3 and 4 of :func:`_distill`, checked arguments in hand."""
     import torch
 
+    from .decoders.base import CheckpointNotFoundError
     from .hub import load_source_dataset
     from .pipeline_pds import PDSPipeline
 
@@ -366,7 +382,12 @@ def _load_and_distill(args: argparse.Namespace, output: Path, state, device: str
     else:
         name = args.pipeline or defaults.DEFAULT_CHECKPOINT
         try:
-            pipeline = PDSPipeline.from_pretrained(name, clip_model_name_or_path=args.clip_model, dtype=dtype)
+            adapter = {"ip_adapter": args.ip_adapter} if args.ip_adapter is not None else {}
+            pipeline = PDSPipeline.from_pretrained(
+                name, clip_model_name_or_path=args.clip_model, dtype=dtype, **adapter
+            )
+        except CheckpointNotFoundError:  # its message says all: the id and where the paper's checkpoints are
+            raise
         except Exception as error:  # diffusers and transformers raise many types for a folder or id they cannot load
             raise ValueError(f"cannot load the pipeline {name}: {type(error).__name__}: {error}") from error
     pipeline = pipeline.to(device)
