@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     from hf_pds import PDSPipeline, extract_prototypes
     from hf_pds.cache import EmbeddingCache
     from hf_pds.defaults import SCHEDULER_PRESETS
-    from hf_pds.embedding import embed, embed_texts, pixel_values
+    from hf_pds.embedding import embed, embed_texts
     from hf_pds.pairs import read_pairs
     from hf_pds.synthesis import compile_unet, prototype_seed, synthesize
     from hf_pds.testing import real_size_pds_components, tiny_pds_components
@@ -390,13 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # Warm-up, not timed: CLIP towers (one batch), and a 2-prototype synthesis (kernel selection, allocator).
-    towers = pipe.clip_towers
+    towers = pipe.towers
     width_embed = pipe.image_encoder.config.projection_dim
     rng = np.random.default_rng(1)
     cells = dataset.select(range(2)).cast_column("image", datasets.Image(decode=False))["image"]
     sample = [PIL.Image.open(io.BytesIO(cell["bytes"])).convert("RGB") for cell in cells]
     with torch.no_grad():
-        towers.image_encoder(pixel_values(sample, towers).to(device=device, dtype=dtype))
+        towers.encode_pixels(towers.pixels(sample), device)
     embed_texts([dataset[0]["caption"]], towers, device, progress=False)
     warm_prompts = ["a warm-up prompt"] * 2
     warm_seeds = [prototype_seed(0, index) for index in range(2)]

@@ -56,7 +56,7 @@ def main() -> None:
     print(f"# python benchmarks/synthesis.py {' '.join(sys.argv[1:])}")
 
     from hf_pds import PDSPipeline
-    from hf_pds.embedding import embed_images, embed_texts, pixel_values
+    from hf_pds.embedding import embed_images, embed_texts
     from hf_pds.synthesis import prototype_seed, synthesize
     from hf_pds.testing import real_size_pds_components, tiny_pds_components
 
@@ -97,8 +97,8 @@ def main() -> None:
 
     size = pipe.feature_extractor.crop_size["height"]
     pictures = [PIL.Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(args.embed)]
-    towers = pipe.clip_towers
-    batches = [pixel_values(pictures[start : start + 64], towers) for start in range(0, len(pictures), 64)]
+    towers = pipe.towers
+    batches = [towers.pixels(pictures[start : start + 64]) for start in range(0, len(pictures), 64)]
     embed_images(batches[:1], towers, args.device, total=None, progress=False)
     synchronize(args.device)
     started = time.perf_counter()

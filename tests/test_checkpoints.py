@@ -83,7 +83,12 @@ def test_the_readme_command_line_runs_as_written(checkpoints, tmp_path):
     )
     assert helped.returncode == 0
     text = " ".join(helped.stdout.split())
-    assert "(default: 0.2)" in text and "(default: 42)" in text and "(default: 224)" in text and "(default: 8)" in text
+    assert (
+        "(default: the paper's 0.2;" in text
+        and "(default: 42)" in text
+        and "(default: 224)" in text
+        and "(default: 8)" in text
+    )
 
 
 @pytest.mark.parametrize("name", list(CHECKPOINT_LAYOUTS))

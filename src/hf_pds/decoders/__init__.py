@@ -9,6 +9,7 @@ from the ``_class_name`` of its ``model_index.json``.
 from __future__ import annotations
 
 from .base import Decoder
+from .flux import FluxIPAdapterDecoder
 from .ip_adapter import IPAdapterDecoder, IPAdapterXLDecoder
 from .kandinsky import KandinskyDecoder
 from .select import SelectDecoder
@@ -17,7 +18,14 @@ from .unclip import UnCLIPDecoder
 # In the order infer_decoder tries them: a family whose components include another's comes first.
 DECODERS: dict[str, type[Decoder]] = {
     decoder.name: decoder
-    for decoder in (UnCLIPDecoder, KandinskyDecoder, IPAdapterXLDecoder, IPAdapterDecoder, SelectDecoder)
+    for decoder in (
+        UnCLIPDecoder,
+        KandinskyDecoder,
+        FluxIPAdapterDecoder,
+        IPAdapterXLDecoder,
+        IPAdapterDecoder,
+        SelectDecoder,
+    )
 }
 
 

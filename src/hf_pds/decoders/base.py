@@ -110,6 +110,19 @@ def load_text_tower(name: str | os.PathLike, dtype, loading: dict, subfolder: st
     }
 
 
+def towers_of(components: dict[str, Any]):
+    """The towers that embed for a ``PDSPipeline``'s components: its packaged ``encoders`` when it has them (the
+    ``select`` decoder's offline encoders), else its CLIP image encoder and the text tower of the same CLIP model."""
+    if components.get("encoders") is not None:
+        return components["encoders"]
+    return ClipTowers(
+        components["image_encoder"],
+        components["feature_extractor"],
+        components["clip_text_encoder"],
+        components["clip_tokenizer"],
+    )
+
+
 class Decoder:
     """A decoder family: what turns an image prototype, and its caption, into an image.
 
@@ -136,12 +149,7 @@ class Decoder:
     takes_prompt: ClassVar[bool] = True
 
     def __init__(self, components: dict[str, Any], settings: dict[str, Any]):
-        self.towers = ClipTowers(
-            components["image_encoder"],
-            components["feature_extractor"],
-            components["clip_text_encoder"],
-            components["clip_tokenizer"],
-        )
+        self.towers = towers_of(components)
         self.settings = settings
         self.pipeline = self.build_pipeline(components, settings.get("scheduler_preset"))
         if self.pipeline is not None:
@@ -167,7 +175,7 @@ class Decoder:
     def device(self) -> torch.device:
         if self.pipeline is not None:
             return self.pipeline._execution_device
-        return next(self.towers.image_encoder.parameters()).device
+        return self.towers.device
 
     def call_kwargs(self, image_embeds: torch.Tensor, prompts: list[str]) -> dict[str, Any]:
         """The keyword arguments of the pipeline's call for a batch of image prototypes (on the device, in the
@@ -184,7 +192,8 @@ class Decoder:
         """The images of a batch: ``items`` are its (prototype, candidate) pairs, ``image_embeds`` and ``prompts``
         their prototypes' rows, ``generators`` one per image."""
         # Pipelines neither move nor cast passed embeddings: the denoiser's device and dtype.
-        embeds = torch.as_tensor(np.asarray(image_embeds), dtype=self.pipeline.unet.dtype, device=self.device)
+        denoiser = getattr(self.pipeline, "unet", None) or self.pipeline.transformer
+        embeds = torch.as_tensor(np.asarray(image_embeds), dtype=denoiser.dtype, device=self.device)
         kwargs = self.call_kwargs(embeds, list(prompts))
         return self.pipeline(**kwargs, generator=generators, output_type="pil").images
 

@@ -33,6 +33,8 @@ class IPAdapterDecoder(Decoder):
         "negative_prompt": _AUTHORS_NEGATIVE_PROMPT,
         "ip_adapter_scale": 1.0,
     }
+    # The component that the adapter is loaded into.
+    denoiser: ClassVar[str] = "unet"
     # Where the adapter's weights lie in its repository (the image encoder is the image_encoder folder beside them).
     adapter_files: ClassVar[dict[str, str]] = {"subfolder": "models", "weight_name": "ip-adapter_sd15.safetensors"}
 
@@ -77,8 +79,10 @@ class IPAdapterDecoder(Decoder):
     @classmethod
     def check(cls, components: dict[str, Any]) -> None:
         super().check(components)
-        if getattr(components["unet"], "encoder_hid_proj", None) is None:
-            raise ValueError(f"The {cls.name} decoder needs a UNet with an IP-Adapter loaded (load_ip_adapter).")
+        if getattr(components[cls.denoiser], "encoder_hid_proj", None) is None:
+            raise ValueError(
+                f"The {cls.name} decoder needs a {cls.denoiser} with an IP-Adapter loaded (load_ip_adapter)."
+            )
 
     def build_pipeline(self, components: dict[str, Any], scheduler: str | None):
         from ..synthesis import preset_scheduler
