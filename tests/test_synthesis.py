@@ -110,17 +110,21 @@ def test_one_candidate_gives_the_papers_one_image_per_prototype(pipe):
     embeds = rng.normal(size=(3, 32)).astype(np.float32)
     prompts = ["a dog", "a cat", "a bird"]
     seeds = [prototype_seed(7, index) for index in range(3)]
-    made = synthesize(pipe.unclip_pipeline(), embeds, prompts, seeds, num_inference_steps=2, output_size=40)
+    made = synthesize(pipe.make_decoder(num_inference_steps=2), embeds, prompts, seeds, output_size=40)
     for index in range(3):
-        direct = pipe.unclip_pipeline()(
-            prompt=[prompts[index]],
-            negative_prompt=["text, watermark"],
-            image_embeds=torch.as_tensor(embeds[index : index + 1]),
-            num_inference_steps=2,
-            guidance_scale=5.0,
-            noise_level=10,
-            generator=[torch.Generator("cpu").manual_seed(seeds[index])],
-        ).images[0]
+        direct = (
+            pipe.make_decoder()
+            .pipeline(
+                prompt=[prompts[index]],
+                negative_prompt=["text, watermark"],
+                image_embeds=torch.as_tensor(embeds[index : index + 1]),
+                num_inference_steps=2,
+                guidance_scale=5.0,
+                noise_level=10,
+                generator=[torch.Generator("cpu").manual_seed(seeds[index])],
+            )
+            .images[0]
+        )
         assert made[index, 0].png == encode_png(resize(direct, 40))
 
 
@@ -136,12 +140,11 @@ def test_best_of_three_keeps_the_candidate_of_highest_fidelity(pipe, dataset, tm
         seed = prototype_seed(out.settings["seed"], row)
         made = [
             synthesize(
-                pipe.unclip_pipeline(),
+                pipe.make_decoder(num_inference_steps=2),
                 prototypes.image_prototypes[row : row + 1],
                 [out.dataset[row]["caption"]],
                 [candidate_seed(seed, candidate)],
                 text_embeds=prototypes.text_prototypes[row : row + 1],
-                num_inference_steps=2,
                 output_size=40,
             )[0, 0]
             for candidate in range(3)

@@ -99,12 +99,18 @@ def _config_dict(component) -> dict:
     return {}
 
 
+# Config entries that say where a model was loaded from or what wrapped it, not what it computes.
+_PROVENANCE_KEYS = ("_name_or_path", "_commit_hash", "architectures")
+
+
 def _model_description(model) -> dict:
-    """Class, name, config, dtype and a weight sample of a model: what changes its outputs."""
+    """Class, config, dtype and a weight sample of a model: what changes its outputs. Not where it was loaded from:
+    the same CLIP model read from two checkpoints (unCLIP-small's image_encoder folder, openai/clip-vit-large-patch14
+    for FLUX's adapter) embeds alike, so decoders that read it share the cache."""
+    config = {key: value for key, value in _config_dict(model).items() if key not in _PROVENANCE_KEYS}
     return {
         "class": type(model).__name__,
-        "name_or_path": model.config.name_or_path,
-        "config": _config_dict(model),
+        "config": config,
         "dtype": str(next(model.parameters()).dtype),
         "weights": weights_fingerprint(model),
     }
@@ -147,7 +153,7 @@ class EmbeddingCache:
     def key(self, source: dict, towers) -> str:
         """The entry name of embeddings of ``source`` (dataset identity, columns, row policy) made by
         ``towers``: a SHA-256 of their canonical description."""
-        description = {"format": CACHE_FORMAT, **source, "towers": towers_description(towers)}
+        description = {"format": CACHE_FORMAT, **source, "towers": towers.description()}
         canonical = json.dumps(description, sort_keys=True, default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:40]
 

@@ -32,6 +32,10 @@ _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
 # underscores between two letters or digits start nothing (snake_case), so they are left as they are.
 _MARKDOWN_PUNCTUATION = re.compile(r"(?<=[^\W_])_+(?=[^\W_])|([\\`*_\[\]|~])")
 
+# A statistic of values that are not numbers: a cosine between the two spaces of the select decoder's packaged
+# encoders (images and captions embedded by two models).
+NOT_MEASURED = "n/a (two embedding spaces)"
+
 
 def escape_markdown(value) -> str:
     """``value`` as one line of plain text in the card: what a caption, a name or a note may hold never becomes
@@ -112,13 +116,19 @@ def _bins(values: np.ndarray) -> int:
     return min(30, max(5, len(values) // 3))
 
 
+def _finite(values: np.ndarray) -> np.ndarray:
+    """The values that are numbers: a cosine between two spaces (the select decoder's packaged encoders) is NaN."""
+    values = np.asarray(values, dtype=np.float64)
+    return values[np.isfinite(values)]
+
+
 def stats_plot(support: np.ndarray, similarity: np.ndarray) -> PIL.Image.Image:
     """Two panels: source pairs behind each prototype, and the distribution of image-text similarity."""
 
     def draw(left, right):
         left.bar(np.arange(len(support)), support, width=1.0, color="#4c72b0")
         left.set(xlabel="prototype (sorted by similarity)", ylabel="source pairs", title="Support per prototype")
-        right.hist(similarity, bins=_bins(similarity), color="#dd8452")
+        right.hist(_finite(similarity), bins=_bins(similarity), color="#dd8452")
         right.set(xlabel="cosine(image prototype, text prototype)", ylabel="prototypes", title="Image-text similarity")
 
     return _two_panels(draw)
@@ -130,14 +140,17 @@ def fidelity_plot(fidelity: np.ndarray, text_alignment: np.ndarray) -> PIL.Image
     def draw(left, right):
         left.hist(fidelity, bins=_bins(fidelity), color="#55a868")
         left.set(xlabel="cosine(image, its image prototype)", ylabel="images", title="Fidelity")
-        right.hist(text_alignment, bins=_bins(text_alignment), color="#8172b3")
+        right.hist(_finite(text_alignment), bins=_bins(text_alignment), color="#8172b3")
         right.set(xlabel="cosine(image, its text prototype)", ylabel="images", title="Text alignment")
 
     return _two_panels(draw)
 
 
 def _summary(values: np.ndarray, digits: int | None) -> dict:
-    """Min, median and max, rounded to ``digits`` (None: whole numbers)."""
+    """Min, median and max, rounded to ``digits`` (None: whole numbers); "n/a" when no value is a number."""
+    values = _finite(values)
+    if not len(values):
+        return dict.fromkeys(("min", "median", "max"), NOT_MEASURED)
     return {
         name: round(float(reduce(values)), digits)
         for name, reduce in (("min", np.min), ("median", np.median), ("max", np.max))
@@ -145,7 +158,10 @@ def _summary(values: np.ndarray, digits: int | None) -> dict:
 
 
 def _spread(values: np.ndarray) -> dict:
-    """Mean, 5th percentile and min, to 3 decimals."""
+    """Mean, 5th percentile and min, to 3 decimals; "n/a" when no value is a number."""
+    values = _finite(values)
+    if not len(values):
+        return dict.fromkeys(("mean", "p5", "min"), NOT_MEASURED)
     return {
         "mean": round(float(np.mean(values)), 3),
         "p5": round(float(np.percentile(values, 5)), 3),
@@ -184,6 +200,11 @@ def render_card(dataset, prototypes, settings: dict, provenance: dict, repo_id: 
         value = provenance.get(key) or default
         return None if value is None else markdown_code(value)
 
+    def told_name(key: str, default: str | None = None) -> str | None:
+        """A model's name or path (its last part only: :func:`public_name`) as a code span."""
+        value = provenance.get(key) or default
+        return None if value is None else markdown_code(public_name(value))
+
     card = DatasetCard.from_template(
         card_data,
         template_str=template,
@@ -197,9 +218,14 @@ def render_card(dataset, prototypes, settings: dict, provenance: dict, repo_id: 
         source_images=settings.get("source_images"),
         source_captions=settings.get("source_captions"),
         skipped_rows=settings.get("skipped_rows", 0),
-        unclip_checkpoint=markdown_code(public_name(provenance.get("unclip_checkpoint") or "unknown")),
-        unclip_revision=told("unclip_revision"),
-        clip_model=markdown_code(public_name(provenance.get("clip_model") or "unknown")),
+        decoder=told("decoder", "unknown"),
+        decoder_name=provenance.get("decoder"),  # for the template's choices; shown as ``decoder``
+        shares_space=prototypes.similarity.size > 0,
+        decoder_checkpoint=told_name("decoder_checkpoint"),
+        decoder_revision=told("decoder_revision"),
+        image_encoder=told_name("image_encoder", "unknown"),
+        image_encoder_revision=told("image_encoder_revision"),
+        clip_model=told_name("clip_model", "unknown"),
         clip_revision=told("clip_revision"),
         hf_pds_version=escape_markdown(provenance.get("hf_pds_version") or "unknown"),
         notes=[escape_markdown(note) for note in notes],

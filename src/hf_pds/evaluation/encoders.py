@@ -162,7 +162,8 @@ class EfficientNetLite0:
 
         return torch.from_numpy((_resized_batch(images, self.image_size) * 255.0 - 127.0) / 128.0)
 
-    def encode(self, images: Sequence[Any]) -> np.ndarray:
+    def frozen_module(self):
+        """The frozen encoder (batch norms fused), on its device, built once: its output is the feature."""
         if self._frozen is None:
             frozen = _fuse_batch_norms(self.trainable_module())
             if self.feature == "pooled":
@@ -170,7 +171,10 @@ class EfficientNetLite0:
 
                 frozen._fc = torch.nn.Identity()  # the forward pass then ends at the pooled features
             self._frozen = frozen.to(self.device)
-        return _encode_batches(self._frozen, self, images)
+        return self._frozen
+
+    def encode(self, images: Sequence[Any]) -> np.ndarray:
+        return _encode_batches(self.frozen_module(), self, images)
 
 
 class TimmImageEncoder:
