@@ -3,7 +3,7 @@ images (the real scan nearest each image prototype, as the ``select`` decoder pi
 
 Encodes scikit-learn's digits (1797 scans, 3 captions each) once with the demo's frozen encoders
 (``hf_pds.testing.digits_demo_encoders``), then runs ``hf_pds.extract_prototypes`` with
-``DIGITS_DEMO_SETTINGS`` at each seed. Prints the time of loading and encoding, then one line per seed.
+``hf_pds.defaults.DEMO_SETTINGS`` at each seed. Prints the time of loading and encoding, then one line per seed.
 
     python benchmarks/digits_demo.py --seeds 42 0 1 2 3 4
 """
@@ -16,8 +16,9 @@ import time
 import numpy as np
 
 from hf_pds import extract_prototypes
+from hf_pds.defaults import DEMO_SETTINGS
 from hf_pds.evaluation.coreset import nearest_distinct_rows
-from hf_pds.testing import DIGITS_DEMO_SETTINGS, digits_dataset, digits_demo_encoders
+from hf_pds.testing import digits_dataset, digits_demo_encoders
 
 
 def main() -> None:
@@ -42,7 +43,7 @@ def main() -> None:
         f"{len(captions)} captions {done - encoded_images:.1f} s, total {done - started:.1f} s"
     )
     for seed in args.seeds:
-        settings = {**DIGITS_DEMO_SETTINGS, "seed": seed}
+        settings = {**DEMO_SETTINGS, "seed": seed}
         prototypes = extract_prototypes(
             image_embeds, text_embeds, caption_image, kmeans_backend=args.kmeans_backend, **settings
         )

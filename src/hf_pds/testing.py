@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from .decoders.select import PackagedTowers
-from .defaults import DEMO_SETTINGS
 from .pipeline_pds import PDSPipeline
 
 TINY_EMBED_DIM = 32
@@ -890,8 +889,6 @@ _DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 # digit seven"), all-MiniLM-L6-v2 puts the captions of one phrasing closer together than those of one digit.
 DIGITS_CAPTION_TEMPLATES = ("a handwritten digit {word}", "a handwritten {word}", "a handwritten number {word}")
 
-# The demo's PDS settings (keyword arguments of extract_prototypes and of the pipeline call).
-DIGITS_DEMO_SETTINGS = DEMO_SETTINGS
 # The scans are 8x8: at 64 px EfficientNet-lite0's features group them by digit at least as well as at 224 px,
 # in a tenth of the time.
 DIGITS_DEMO_IMAGE_SIZE = 64

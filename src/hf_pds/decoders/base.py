@@ -171,6 +171,17 @@ class Decoder:
         """The diffusers pipeline that decodes (sharing the components, no copy), or None."""
         raise NotImplementedError
 
+    @staticmethod
+    def pipeline_parts(components: dict[str, Any], names: Sequence[str], scheduler: str | None) -> dict[str, Any]:
+        """The components ``names`` of a diffusers pipeline, with the scheduler of the fast preset ``scheduler``
+        (built from the checkpoint's scheduler config) in place of the checkpoint's when one is asked for."""
+        from ..synthesis import preset_scheduler
+
+        parts = {name: components[name] for name in names}
+        if scheduler is not None:
+            parts["scheduler"] = preset_scheduler(scheduler, components["scheduler"].config)
+        return parts
+
     @property
     def device(self) -> torch.device:
         if self.pipeline is not None:

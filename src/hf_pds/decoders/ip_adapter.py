@@ -85,12 +85,8 @@ class IPAdapterDecoder(Decoder):
             )
 
     def build_pipeline(self, components: dict[str, Any], scheduler: str | None):
-        from ..synthesis import preset_scheduler
-
-        parts = {name: components[name] for name in (*self.components, "image_encoder", "feature_extractor")}
-        if scheduler is not None:
-            parts["scheduler"] = preset_scheduler(scheduler, components["scheduler"].config)
-        pipeline = self._pipeline_class()(**parts, **self._extra())
+        names = (*self.components, "image_encoder", "feature_extractor")
+        pipeline = self._pipeline_class()(**self.pipeline_parts(components, names, scheduler), **self._extra())
         pipeline.set_ip_adapter_scale(self.settings["ip_adapter_scale"])
         return pipeline
 

@@ -69,12 +69,7 @@ class KandinskyDecoder(Decoder):
     def build_pipeline(self, components: dict[str, Any], scheduler: str | None):
         from diffusers import KandinskyV22Pipeline
 
-        from ..synthesis import preset_scheduler
-
-        parts = {name: components[name] for name in self.components}
-        if scheduler is not None:
-            parts["scheduler"] = preset_scheduler(scheduler, components["scheduler"].config)
-        return KandinskyV22Pipeline(**parts)
+        return KandinskyV22Pipeline(**self.pipeline_parts(components, self.components, scheduler))
 
     def call_kwargs(self, image_embeds: torch.Tensor, prompts: list[str]) -> dict[str, Any]:
         negative = self.zero_embed.to(device=image_embeds.device, dtype=image_embeds.dtype)

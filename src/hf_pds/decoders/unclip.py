@@ -19,18 +19,6 @@ from ..defaults import (
 )
 from .base import Decoder, load_text_tower, matching_clip_model
 
-_PIPELINE_COMPONENTS = (
-    "feature_extractor",
-    "image_encoder",
-    "image_normalizer",
-    "image_noising_scheduler",
-    "tokenizer",
-    "text_encoder",
-    "unet",
-    "scheduler",
-    "vae",
-)
-
 
 class UnCLIPDecoder(Decoder):
     """``StableUnCLIPImg2ImgPipeline(prompt=caption, image_embeds=prototype, noise_level=...)``: the prototype,
@@ -80,12 +68,8 @@ class UnCLIPDecoder(Decoder):
     def build_pipeline(self, components: dict[str, Any], scheduler: str | None):
         from diffusers import StableUnCLIPImg2ImgPipeline
 
-        from ..synthesis import preset_scheduler
-
-        parts = {name: components[name] for name in _PIPELINE_COMPONENTS}
-        if scheduler is not None:
-            parts["scheduler"] = preset_scheduler(scheduler, components["scheduler"].config)
-        return StableUnCLIPImg2ImgPipeline(**parts)
+        names = (*self.components, "feature_extractor", "image_encoder")
+        return StableUnCLIPImg2ImgPipeline(**self.pipeline_parts(components, names, scheduler))
 
     def call_kwargs(self, image_embeds: torch.Tensor, prompts: list[str]) -> dict[str, Any]:
         negative = self.settings["negative_prompt"]
