@@ -1,7 +1,9 @@
 """Sharing the work of one distillation between processes (``accelerate launch``, ``torchrun``).
 
 Embedding and synthesis are split between processes and gathered in order; the prototypes are computed
-once and broadcast; only the main process writes. With one process every function here is a no-op.
+once and broadcast, or, in passes over shards, by every process over its own shards, which then exchange only
+aggregates (:func:`all_reduce_sum`, :func:`all_gather`); only the main process writes the output. With one process
+every function here is a no-op.
 """
 
 from __future__ import annotations
@@ -48,6 +50,41 @@ def gather_rows(rows, count: int, state):
     from accelerate.utils import gather
 
     return gather(rows.contiguous())[:count]
+
+
+def process_share(count: int, state) -> range:
+    """This process's contiguous share of ``range(count)`` (shards, say): process ``p`` of ``P`` takes items
+    ``[p * ceil(count / P), (p + 1) * ceil(count / P))``, clipped; the last processes may take none."""
+    per_process = math.ceil(count / state.num_processes) if count else 0
+    start = min(count, state.process_index * per_process)
+    return range(start, min(count, start + per_process))
+
+
+def all_reduce_sum(array, state):
+    """The element-wise sum of every process's ``array`` (a numpy array of the same shape and dtype on each), on
+    every process. Integers are summed exactly; float64 sums may differ from one process's sum in the last bits."""
+    if state.num_processes == 1:
+        return array
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.from_numpy(np.ascontiguousarray(array).copy())
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.cpu().numpy()
+
+
+def all_gather(value, state) -> list:
+    """Every process's ``value`` (any picklable object), in process order, on every process."""
+    if state.num_processes == 1:
+        return [value]
+    import torch.distributed as dist
+
+    values = [None] * state.num_processes
+    dist.all_gather_object(values, value)
+    return values
 
 
 def broadcast(value, state):
