@@ -97,7 +97,7 @@ def test_the_version_has_one_source():
     assert mentions == []
 
 
-def test_the_wheel_ships_the_card_template_from_the_top_level_folder(tmp_path):
+def test_the_wheel_ships_every_subpackage_and_the_card_template_from_the_top_level_folder(tmp_path):
     assert not (PACKAGE / "model_card_templates").exists()  # one copy, at the repository's top level
     tree = tmp_path / "tree"  # a copy of what the build reads, so that it leaves nothing in the checkout
     ignored = shutil.ignore_patterns(".git", ".venv", ".cache", "build", "__pycache__", "tests", "docs", "benchmarks")
@@ -107,6 +107,9 @@ def test_the_wheel_ships_the_card_template_from_the_top_level_folder(tmp_path):
     (wheel,) = tmp_path.glob("hf_pds-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "hf_pds/model_card_templates/distilled_dataset_card.md" in names
+    # Every module of the package is in the wheel (a subpackage missing from pyproject's list would not be).
+    modules = {path.relative_to(PACKAGE.parent).as_posix() for path in PACKAGE.rglob("*.py")}
+    assert sorted(modules - set(names)) == []
 
 
 def test_a_test_session_leaves_no_cache_behind(tmp_path):
