@@ -66,6 +66,24 @@ def _add_distill_options(distill: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--streaming", action="store_true", help="read the dataset as a stream, one batch of images at a time"
     )
+    source.add_argument(
+        "--embeddings",
+        metavar="DIR",
+        help="instead of --dataset: precomputed embeddings in clip-retrieval's layout (img_emb/img_emb_{i}.npy, "
+        "text_emb/text_emb_{i}.npy, metadata/metadata_{i}.parquet with the --caption-column), in the decoder's space; "
+        "no image is read",
+    )
+    source.add_argument(
+        "--image-embedding-column", help="column of --dataset holding each row's image embedding (with the next)"
+    )
+    source.add_argument("--text-embedding-column", help="column of --dataset holding each row's caption embedding")
+    source.add_argument(
+        "--embedding-norm",
+        type=_norm,
+        metavar="NORM|decoder",
+        help="rescale L2-normalised precomputed embeddings (refused otherwise: decoders read the raw scale) to this "
+        "norm, or to the one measured from the decoder's statistics ('decoder', unCLIP)",
+    )
     method = distill.add_argument_group("method")
     method.add_argument(
         "--budget",
@@ -87,6 +105,13 @@ def _add_distill_options(distill: argparse.ArgumentParser) -> None:
         help="k-means: sklearn (the reference's MiniBatchKMeans call), fast (the same, seeded faster), faiss "
         "(weighted Lloyd), torch (the same on the --device); auto (the default): torch on a CUDA device, else faiss "
         "when installed, else fast",
+    )
+    method.add_argument(
+        "--prototype-stage",
+        choices=defaults.PROTOTYPE_STAGES,
+        default=defaults.DEFAULT_PROTOTYPE_STAGE,
+        help="in-memory (k-means over every point) or sharded (passes over the embedding shards, bounded memory, "
+        f"k-means on a sample); auto (the default): in-memory up to {defaults.IN_MEMORY_PAIRS:,} pairs",
     )
     generation = distill.add_argument_group("generation")
     generation.add_argument(
@@ -202,6 +227,22 @@ def _add_distill_options(distill: argparse.ArgumentParser) -> None:
         help="embedding cache (default: embeddings/ in $HF_PDS_CACHE or ~/.cache/huggingface/hf_pds)",
     )
     runtime.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
+    runtime.add_argument(
+        "--embedding-dtype",
+        choices=defaults.EMBEDDING_DTYPES,
+        default=defaults.DEFAULT_EMBEDDING_DTYPE,
+        help="how the embedding cache stores embeddings (float16: half the disk) (default: %(default)s)",
+    )
+
+
+def _norm(value: str) -> float | str:
+    """``--embedding-norm``: a number, or ``decoder``."""
+    if value == "decoder":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'decoder', got {value!r}") from None
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -318,7 +359,7 @@ def _distill(args: argparse.Namespace) -> Path:
     from .prototypes import check_budget, check_prune_ratio, check_seed, resolve_kmeans_backend
     from .run_state import hold_run
 
-    demo = args.dataset is None
+    demo = args.dataset is None and args.embeddings is None
     budget = args.budget if args.budget is not None else (defaults.DEMO_SETTINGS["budget"] if demo else DEFAULT_BUDGET)
     steps = args.num_inference_steps
     if steps is None and args.pipeline == TINY_PIPELINE:
@@ -326,7 +367,9 @@ def _distill(args: argparse.Namespace) -> Path:
 
     # 1. Check everything that needs neither a model nor a dataset.
     if args.output is None and not demo:
-        raise ValueError("--output is required with --dataset.")
+        raise ValueError(f"--output is required with {'--dataset' if args.embeddings is None else '--embeddings'}.")
+    if args.embeddings is not None and args.dataset is not None:
+        raise ValueError("Give --dataset or --embeddings, not both.")
     check_budget(budget)
     if args.prune_ratio is not None:
         check_prune_ratio(args.prune_ratio)
@@ -349,7 +392,7 @@ def _distill(args: argparse.Namespace) -> Path:
     output = check_output_folder(
         DEMO_OUTPUT if args.output is None else args.output,
         args.overwrite,
-        [_local(args.dataset), _local(args.pipeline), _local(args.cache_dir)],
+        [_local(args.dataset), _local(args.embeddings), _local(args.pipeline), _local(args.cache_dir)],
     )
     state = process_state()
     say = print if state.is_main_process else (lambda *_: None)
@@ -372,11 +415,13 @@ def _load_and_distill(args: argparse.Namespace, output: Path, state, device: str
     from .hub import load_source_dataset
     from .pipeline_pds import PDSPipeline
 
-    demo = args.dataset is None
+    demo = args.dataset is None and args.embeddings is None
     say = print if state.is_main_process else (lambda *_: None)
 
     # 3. Load the dataset and the pipeline.
-    if demo:
+    if args.embeddings is not None:
+        dataset, provenance = None, {}  # the pipeline reads the folder, and says what it was in the card
+    elif demo:
         from .testing import digits_dataset
 
         say("No --dataset given: distilling the embedded digits demo (1797 scans, 3 captions each).")

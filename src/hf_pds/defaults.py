@@ -15,6 +15,16 @@ DEFAULT_CAPTION_COLUMN = "caption"
 DEFAULT_PRUNE_RATIO = 0.2
 DEFAULT_SEED = 42
 DEFAULT_KMEANS_BACKEND = "auto"
+# The prototype stage: "in-memory" (every embedding in one process's memory, k-means over every point) or "sharded"
+# (passes over the embedding shards, k-means trained on a sample: memory bounded by one shard); "auto" takes the
+# in-memory stage up to IN_MEMORY_PAIRS pairs (docs/performance.md, "Large datasets", has the measurements).
+PROTOTYPE_STAGES = ("auto", "in-memory", "sharded")
+DEFAULT_PROTOTYPE_STAGE = "auto"
+IN_MEMORY_PAIRS = 1_000_000
+# How the embedding cache stores embeddings: float32, or float16 (half the disk; docs/performance.md measures what
+# it changes in the prototypes).
+EMBEDDING_DTYPES = ("float32", "float16")
+DEFAULT_EMBEDDING_DTYPE = "float32"
 # The paper's generation settings (PDS, Sec. 4 and its reference code): the unclip decoder's defaults. Every other
 # decoder declares its authors' own (hf_pds.decoders).
 DEFAULT_NUM_INFERENCE_STEPS = 100

@@ -45,23 +45,37 @@ from .defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CANDIDATES,
     DEFAULT_CAPTION_COLUMN,
+    DEFAULT_EMBEDDING_DTYPE,
     DEFAULT_IMAGE_COLUMN,
     DEFAULT_KMEANS_BACKEND,
     DEFAULT_OUTPUT_SIZE,
+    DEFAULT_PROTOTYPE_STAGE,
     DEFAULT_PRUNE_RATIO,
     DEFAULT_SEED,
     EMBEDDING_BATCH_SIZES,
+    EMBEDDING_DTYPES,
+    IN_MEMORY_PAIRS,
     MAX_DECODE_WORKERS,
+    PROTOTYPE_STAGES,
     SCHEDULER_PRESETS,
     default_steps,
 )
 from .distilled import PDSPipelineOutput, build_distilled_dataset
-from .distributed import barrier, broadcast, gather_dicts, process_state
-from .embedding import ClipTowers, Embeddings, embed
+from .distributed import barrier, broadcast, gather_dicts, process_share, process_state
+from .embedding import ClipTowers, embed
 from .hub import check_output_folder, hf_pds_version
 from .pairs import PairTable, check_columns, dataset_identity, read_pairs
-from .prototypes import check_budget, check_prune_ratio, check_seed, extract_prototypes, resolve_kmeans_backend
+from .precomputed import PrecomputedEmbeddings, check_precomputed, embeddings_of_dataset, open_clip_retrieval
+from .prototypes import (
+    check_budget,
+    check_prune_ratio,
+    check_seed,
+    extract_prototypes,
+    extract_prototypes_sharded,
+    resolve_kmeans_backend,
+)
 from .run_state import Checkpoint, RunState, claim_run, open_run
+from .shards import load_pairs
 from .synthesis import Generated, best_candidates, compile_unet, prototype_seed, synthesize
 
 if TYPE_CHECKING:
@@ -156,7 +170,9 @@ class CheckedInputs:
     """What :meth:`PDSPipeline.check_inputs` hands to the later steps.
 
     Attributes:
-        pairs: the pairs of a map-style dataset; None for a stream, whose rows are checked as it is read.
+        pairs: the pairs of a map-style dataset; None for a stream, whose rows are checked as it is read, and for
+            precomputed embeddings.
+        source: precomputed embeddings (``embeddings=``, or a dataset's embedding columns), or None: the run embeds.
         settings: the method and generation settings of the run, as the card and the run state record them.
         embedding_batch_size, decode_workers, skip_invalid_rows: how to embed.
         cache: the embedding cache, or None.
@@ -168,8 +184,10 @@ class CheckedInputs:
     """
 
     pairs: PairTable | None
+    source: PrecomputedEmbeddings | None
     settings: dict
     embedding_batch_size: int
+    embedding_dtype: str
     decode_workers: int
     skip_invalid_rows: bool
     cache: EmbeddingCache | None
@@ -411,12 +429,92 @@ class PDSPipeline(DiffusionPipeline):
         ``select`` decoder's packaged encoders)."""
         return towers_of(self.components)
 
+    def _precomputed_source(
+        self, dataset, embeddings, image_embedding_column, text_embedding_column, caption_column
+    ) -> PrecomputedEmbeddings | None:
+        """The precomputed embeddings the run reads instead of embedding images (None: it embeds ``dataset``),
+        checked against the decoder's width; ``ValueError`` for a source given twice, half or not at all."""
+        columns = (image_embedding_column, text_embedding_column)
+        if embeddings is None and columns == (None, None):
+            if dataset is None:
+                raise ValueError(
+                    "Nothing to distill: give a dataset, or embeddings= (a folder of precomputed CLIP embeddings in "
+                    "clip-retrieval's layout)."
+                )
+            return None
+        if embeddings is not None and dataset is not None:
+            raise ValueError(
+                "Give a dataset or embeddings=, not both: embeddings= is a folder of precomputed embeddings with "
+                "their captions; a dataset with embedding columns takes image_embedding_column= and "
+                "text_embedding_column=."
+            )
+        if embeddings is None and None in columns:
+            given, missing = ("image", "text") if text_embedding_column is None else ("text", "image")
+            raise ValueError(f"{given}_embedding_column is given without {missing}_embedding_column: give both.")
+        if embeddings is None and dataset is None:
+            raise ValueError("image_embedding_column and text_embedding_column name columns of a dataset: give it.")
+        if self.decoder is SelectDecoder:
+            raise ValueError(
+                "The select decoder picks real source images, and precomputed embeddings come without them: use a "
+                "decoder that reads embeddings (unclip, the default)."
+            )
+        if embeddings is not None:
+            source = open_clip_retrieval(_optional_path("embeddings", embeddings), caption_column=caption_column)
+        else:
+            source = embeddings_of_dataset(dataset, *columns, caption_column=caption_column)
+        check_precomputed(source, image_dim=self.towers.image_dim)
+        return source
+
+    def _embedding_norm(self, source: PrecomputedEmbeddings | None, embedding_norm) -> float | None:
+        """The norm to which L2-normalised input is rescaled (None: the input is raw); ``ValueError`` when unit
+        vectors would be decoded as they are, or when ``embedding_norm`` is unusable."""
+        if embedding_norm is None:
+            norm = None
+        elif source is None:
+            raise ValueError("embedding_norm rescales precomputed, L2-normalised embeddings: give embeddings= too.")
+        elif embedding_norm == "decoder":
+            norm = self.decoder.embedding_norm(self.components)
+            if norm is None:
+                raise ValueError(
+                    f"embedding_norm='decoder': the {self.decoder.name} decoder has no statistics of the embeddings it "
+                    "was trained on; give the norm as a number."
+                )
+        else:
+            norm = _number("embedding_norm", embedding_norm)
+            if norm == 0:
+                raise ValueError("embedding_norm must be > 0 (a finite number) or 'decoder', got 0.")
+        if source is None:
+            return None
+        measured = source.norms()
+        said = f"measured mean norms: images {measured['image']:.3f}, captions {measured['text']:.3f}"
+        if source.unit_norm() and norm is None:
+            measured_decoder = self.decoder.embedding_norm(self.components)
+            hint = f" ({measured_decoder:.1f} for this checkpoint)" if measured_decoder is not None else ""
+            raise ValueError(
+                f"The precomputed embeddings are L2-normalised ({said}), as clip-retrieval writes them by default. "
+                f"The {self.decoder.name} decoder was trained on raw CLIP embeddings, whose scale it reads: decoding "
+                "unit vectors gives images unlike the data. Recompute them without normalisation, or rescale them: "
+                "embedding_norm=<number> (--embedding-norm) multiplies the image prototypes by it, and "
+                f"embedding_norm='decoder' takes the norm measured from the decoder's own statistics{hint}."
+            )
+        if norm is not None and not source.unit_norm():
+            raise ValueError(
+                f"embedding_norm rescales L2-normalised embeddings, but these are raw ({said}): leave it out."
+            )
+        return norm
+
     def check_inputs(
         self,
         dataset,
         budget,
         image_column,
         caption_column,
+        embeddings,
+        image_embedding_column,
+        text_embedding_column,
+        embedding_norm,
+        prototype_stage,
+        embedding_dtype,
         prune_ratio,
         normalize,
         num_inference_steps,
@@ -450,7 +548,7 @@ class PDSPipeline(DiffusionPipeline):
 
         Raises:
             TypeError: ``dataset`` is not a ``datasets.Dataset`` or ``IterableDataset``.
-            ValueError: an argument, a column or a row is unusable; the message names it.
+            ValueError: an argument, a column, a row or a shard is unusable; the message names it.
             FileExistsError: ``output_dir`` exists and may not be replaced.
         """
         self.check_components()
@@ -529,8 +627,23 @@ class PDSPipeline(DiffusionPipeline):
         cache_dir = _optional_path("cache_dir", cache_dir)
         output_dir = _optional_path("output_dir", output_dir)
 
-        check_columns(dataset, image_column, caption_column)
-        protected = [path for path in (*source_folders(dataset), self.local_folder(), cache_dir) if path is not None]
+        if prototype_stage not in PROTOTYPE_STAGES:
+            raise ValueError(f"prototype_stage must be one of {PROTOTYPE_STAGES}, got {prototype_stage!r}.")
+        if embedding_dtype not in EMBEDDING_DTYPES:
+            raise ValueError(f"embedding_dtype must be one of {EMBEDDING_DTYPES}, got {embedding_dtype!r}.")
+        source = self._precomputed_source(
+            dataset, embeddings, image_embedding_column, text_embedding_column, caption_column
+        )
+        if source is None:
+            check_columns(dataset, image_column, caption_column)
+        norm = self._embedding_norm(source, embedding_norm)
+        if prototype_stage == "sharded" and decoder is SelectDecoder:
+            raise ValueError(
+                "prototype_stage='sharded': the select decoder picks the real image nearest each prototype among "
+                "every image, in memory; use prototype_stage='in-memory' (or 'auto')."
+            )
+        folders = [*source_folders(dataset), *([source.folder] if source is not None and source.folder else [])]
+        protected = [path for path in (*folders, self.local_folder(), cache_dir) if path is not None]
         state = process_state()
         run = None
         if output_dir is not None:
@@ -539,7 +652,7 @@ class PDSPipeline(DiffusionPipeline):
             run = claim_run(output_dir, state)
         try:
             pairs = None
-            if not isinstance(dataset, IterableDataset):
+            if source is None and not isinstance(dataset, IterableDataset):
                 pairs = read_pairs(
                     dataset,
                     image_column,
@@ -547,13 +660,15 @@ class PDSPipeline(DiffusionPipeline):
                     flags["skip_invalid_rows"],
                     progress=self._shows_progress(state),
                 )
-            budget = check_budget(
-                budget,
-                None if pairs is None else len(pairs.captions),
-                prune_ratio,
-                n_images=None if pairs is None else pairs.distinct_images,
-                n_rows=None if pairs is None else len(pairs.rows),
-            )
+            if source is not None:
+                n_pairs = n_images = n_rows = source.n_pairs  # each row is a pair, and its own image
+            elif pairs is not None:
+                n_pairs, n_images, n_rows = len(pairs.captions), pairs.distinct_images, len(pairs.rows)
+            else:  # a stream: checked once it is read
+                n_pairs = n_images = n_rows = None
+            budget = check_budget(budget, n_pairs, prune_ratio, n_images=n_images, n_rows=n_rows)
+            if prototype_stage == "auto" and n_pairs is not None:
+                prototype_stage = "in-memory" if n_pairs <= IN_MEMORY_PAIRS or decoder is SelectDecoder else "sharded"
             if decoder is SelectDecoder:
                 # select picks real images: distinct ones, read again from the dataset.
                 if pairs is None:
@@ -572,6 +687,8 @@ class PDSPipeline(DiffusionPipeline):
                 "normalize": flags["normalize"],
                 "seed": seed,
                 "kmeans_backend": kmeans_backend,
+                "prototype_stage": prototype_stage,
+                **({"embedding_norm": norm} if norm is not None else {}),
                 "output_size": generation["output_size"],
                 "batch_size": generation["batch_size"],
                 "candidates": candidates,
@@ -597,8 +714,8 @@ class PDSPipeline(DiffusionPipeline):
                 run_arguments = {
                     **settings,
                     # The data, not its name: a dataset's table and image files, a stream's source (None: unknown).
-                    "dataset": dataset_identity(dataset, pairs),
-                    "image_column": image_column,
+                    "dataset": dataset_identity(dataset, pairs) if source is None else source.identity(),
+                    "image_column": image_column if source is None else None,
                     "caption_column": caption_column,
                     "skip_invalid_rows": flags["skip_invalid_rows"],
                     "models": self.weights_fingerprint(),
@@ -609,8 +726,10 @@ class PDSPipeline(DiffusionPipeline):
             raise
         return CheckedInputs(
             pairs=pairs,
+            source=source,
             settings=settings,
             embedding_batch_size=embedding_batch_size,
+            embedding_dtype=embedding_dtype,
             decode_workers=decode_workers,
             skip_invalid_rows=flags["skip_invalid_rows"],
             cache=EmbeddingCache(cache_dir) if flags["use_cache"] else None,
@@ -623,11 +742,17 @@ class PDSPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        dataset: datasets.Dataset,
-        budget: int,
+        dataset: datasets.Dataset | None = None,
+        budget: int | None = None,
         image_column: str = DEFAULT_IMAGE_COLUMN,
         caption_column: str = DEFAULT_CAPTION_COLUMN,
         *,
+        embeddings: str | os.PathLike | None = None,
+        image_embedding_column: str | None = None,
+        text_embedding_column: str | None = None,
+        embedding_norm: float | str | None = None,
+        prototype_stage: str = DEFAULT_PROTOTYPE_STAGE,
+        embedding_dtype: str = DEFAULT_EMBEDDING_DTYPE,
         prune_ratio: float | None = None,
         normalize: bool = False,
         num_inference_steps: int | None = None,
@@ -658,13 +783,31 @@ class PDSPipeline(DiffusionPipeline):
         Distill ``dataset`` into ``budget`` synthetic image-caption pairs.
 
         Args:
-            dataset (`datasets.Dataset` or `datasets.IterableDataset`): one row per image; the caption column
-                holds a string or a list of strings (several captions per image, as Flickr30k and COCO). A stream
-                is read once, one batch of images at a time; its rows are checked as they arrive and the budget
-                once it is read.
+            dataset (`datasets.Dataset` or `datasets.IterableDataset`, *optional*): one row per image; the caption
+                column holds a string or a list of strings (several captions per image, as Flickr30k and COCO). A
+                stream is read once, one batch of images at a time; its rows are checked as they arrive and the
+                budget once it is read. With `image_embedding_column` and `text_embedding_column`, its rows hold
+                precomputed embeddings instead, and no image is read. None with `embeddings`.
             budget (`int`): number of distilled pairs (k-means K).
             image_column (`str`, defaults to `"image"`): column of images (``datasets.Image``, paths or bytes).
-            caption_column (`str`, defaults to `"caption"`): column of captions.
+            caption_column (`str`, defaults to `"caption"`): column of captions (of the metadata with `embeddings`).
+            embeddings (`str` or `os.PathLike`, *optional*): instead of a dataset, a folder of precomputed embeddings
+                in clip-retrieval's layout: `img_emb/img_emb_{i}.npy`, `text_emb/text_emb_{i}.npy` and
+                `metadata/metadata_{i}.parquet` (with the caption column), rows aligned, one pair per row, each row
+                its own image. They must live in the decoder's space (the `-small` unCLIP: CLIP ViT-L/14, 768-d, as
+                LAION's and DataComp's). No image is read; the card records where the embeddings came from.
+            image_embedding_column, text_embedding_column (`str`, *optional*): columns of `dataset` that hold each
+                row's image and caption embeddings (DataComp-style parquet); give both.
+            embedding_norm (`float` or `"decoder"`, *optional*): L2-normalised precomputed embeddings (clip-retrieval's
+                default) are refused, because decoders read the raw scale; this rescales them instead: the image
+                prototypes are multiplied by it. `"decoder"`: the norm measured from the decoder's statistics of
+                its training embeddings (unCLIP's image normaliser).
+            prototype_stage (`str`, defaults to `"auto"`): `"in-memory"` (every embedding in one process's memory,
+                k-means over every point), `"sharded"` (passes over the embedding shards, each process over its
+                own; k-means trained on a seeded sample of at most 256 pairs per centre; memory bounded by one
+                shard), or `"auto"`: in-memory up to 1M pairs, sharded beyond (docs/performance.md).
+            embedding_dtype (`str`, defaults to `"float32"`): how the embedding cache stores embeddings; `"float16"`
+                halves its size on disk (docs/performance.md measures what it changes in the prototypes).
             prune_ratio (`float`, *optional*): fraction of pairs with the lowest image-text cosine dropped before
                 clustering; defaults to the paper's 0.2, or to 0 with encoders of two spaces (``select``'s packaged
                 encoders), which have no image-text cosine.
@@ -733,7 +876,8 @@ class PDSPipeline(DiffusionPipeline):
         """
         given = {name: value for name, value in locals().items() if name != "self"}
         started = time.perf_counter()
-        # 1. Check inputs, before any model runs (a stream's rows are checked as it is read).
+        # 1. Check inputs, before any model runs (a stream's rows are checked as it is read; the rows of precomputed
+        #    embeddings by the prototype stage's first pass, which reads them anyway).
         inputs = self.check_inputs(**given)  # with output_dir, its work folder is locked from here on
         timings = {"check_inputs": time.perf_counter() - started}
         state = process_state()
@@ -745,12 +889,13 @@ class PDSPipeline(DiffusionPipeline):
             )
             resumed = run.checkpoint if run is not None else None
 
-            # 2. Embed every image once and every caption with CLIP, through the embedding cache. A resumed run
-            #    skips steps 2 and 3: its checkpoint holds what they made.
-            embeddings = None if resumed else self._embed(dataset, image_column, caption_column, inputs, state, timings)
+            # 2. Embed every image once and every caption with CLIP, into shards through the embedding cache (or
+            #    read precomputed ones). A resumed run skips steps 2 and 3: its checkpoint holds what they made.
+            source = None if resumed else self._embed(dataset, image_column, caption_column, inputs, state, timings)
 
-            # 3. Prune, cluster and match on the main process: the prototypes, shared with every process.
-            checkpoint = resumed or self._find_prototypes(embeddings, inputs.settings, state, timings)
+            # 3. Prune, cluster and match: on the main process in memory, or in passes over the shards, each process
+            #    over its own. Every process gets the prototypes.
+            checkpoint = resumed or self._find_prototypes(source, inputs.settings, state, timings)
             if run is not None:
                 run.save_checkpoint(checkpoint, state)
 
@@ -763,7 +908,7 @@ class PDSPipeline(DiffusionPipeline):
                 dataset=build_distilled_dataset(images, checkpoint.prototypes, checkpoint.prompts),
                 prototypes=checkpoint.prototypes,
                 settings={**inputs.settings, **checkpoint.sizes},
-                provenance={**self.provenance(dataset), **(provenance or {})},
+                provenance={**self.provenance(dataset, inputs.source), **(provenance or {})},
                 timings=timings,
             )
             if run is not None:
@@ -777,12 +922,13 @@ class PDSPipeline(DiffusionPipeline):
             return output.dataset, output.prototypes
         return output
 
-    def _embed(
-        self, dataset, image_column: str, caption_column: str, inputs: CheckedInputs, state, timings: dict
-    ) -> Embeddings:
-        """Step 2: the embeddings of every image and caption, from the cache or computed by every process."""
+    def _embed(self, dataset, image_column: str, caption_column: str, inputs: CheckedInputs, state, timings: dict):
+        """Step 2: the embedding shards of every image and caption (from the cache, or computed by every process
+        into its own shards), or the precomputed ones the run was given."""
+        if inputs.source is not None:
+            return inputs.source
         started = time.perf_counter()
-        embeddings = embed(
+        embedded = embed(
             dataset,
             inputs.pairs,
             image_column,
@@ -792,6 +938,7 @@ class PDSPipeline(DiffusionPipeline):
             batch_size=inputs.embedding_batch_size,
             skip_invalid_rows=inputs.skip_invalid_rows,
             cache=inputs.cache,
+            dtype=inputs.embedding_dtype,
             progress=self._shows_progress(state),
             state=state,
             workers=inputs.decode_workers,
@@ -799,41 +946,59 @@ class PDSPipeline(DiffusionPipeline):
         timings["embedding"] = time.perf_counter() - started
         logger.info(
             "Embeddings of %d images and %d captions ready in %.1f s.",
-            len(embeddings.image_embeds),
-            len(embeddings.text_embeds),
+            embedded.n_images,
+            embedded.n_pairs,
             timings["embedding"],
         )
-        return embeddings
+        return embedded
 
-    def _find_prototypes(self, embeddings: Embeddings, settings: dict, state, timings: dict) -> Checkpoint:
-        """Step 3: the prototypes (main process, broadcast), their prompts and the source's sizes."""
+    def _find_prototypes(self, source, settings: dict, state, timings: dict) -> Checkpoint:
+        """Step 3: the prototypes (in memory on the main process, or in passes over the shards on every process),
+        their prompts and the source's sizes."""
         started = time.perf_counter()
-        prototypes = None
-        if state.is_main_process:
-            prototypes = extract_prototypes(
-                embeddings.image_embeds,
-                embeddings.text_embeds,
-                embeddings.caption_image,
-                budget=settings["budget"],
-                prune_ratio=settings["prune_ratio"],
-                normalize=settings["normalize"],
-                seed=settings["seed"],
-                kmeans_backend=settings["kmeans_backend"],
-                device=self._execution_device,
-            )
-        prototypes = broadcast(prototypes, state)
+        if settings["prototype_stage"] == "auto":  # a stream, whose size is known only now
+            settings["prototype_stage"] = "in-memory" if source.n_pairs <= IN_MEMORY_PAIRS else "sharded"
+        options = {
+            "budget": settings["budget"],
+            "prune_ratio": settings["prune_ratio"],
+            "normalize": settings["normalize"],
+            "seed": settings["seed"],
+            "kmeans_backend": settings["kmeans_backend"],
+            "device": self._execution_device,
+        }
+        sources = None
+        if settings["prototype_stage"] == "sharded":
+            mine = [source.shards[index] for index in process_share(len(source.shards), state)]
+            progress = self._shows_progress(state)
+            prototypes = extract_prototypes_sharded(mine, **options, state=state, progress=progress)
+        else:
+            prototypes = None
+            if state.is_main_process:
+                image_embeds, text_embeds, caption_image = load_pairs(source.shards)
+                prototypes = extract_prototypes(image_embeds, text_embeds, caption_image, **options)
+                # The dataset rows a decoder reads (select: the real images it picks).
+                sources = self.decoder.sources(image_embeds, source.rows, prototypes, settings["candidates"])
+                del image_embeds, text_embeds
+            prototypes, sources = broadcast((prototypes, sources), state)
+        if settings.get("embedding_norm") is not None:
+            # L2-normalised input, rescaled: as if every embedding had this norm (the decoder reads the raw scale).
+            prototypes.image_prototypes = prototypes.image_prototypes * np.float32(settings["embedding_norm"])
         timings["prototypes"] = time.perf_counter() - started
-        logger.info("Extracted %d prototypes in %.1f s.", len(prototypes), timings["prototypes"])
+        logger.info(
+            "Extracted %d prototypes in %.1f s (%s).",
+            len(prototypes),
+            timings["prototypes"],
+            settings["prototype_stage"],
+        )
         return Checkpoint(
             prototypes=prototypes,
-            prompts=[embeddings.captions[index] for index in prototypes.caption_index],
+            prompts=source.captions(prototypes.caption_index),
             sizes={
-                "source_images": len(embeddings.image_embeds),
-                "source_captions": len(embeddings.text_embeds),
-                "skipped_rows": len(embeddings.skipped_rows),
+                "source_images": source.n_images,
+                "source_captions": source.n_pairs,
+                "skipped_rows": len(source.skipped_rows),
             },
-            # The dataset rows a decoder reads (select: the real images it picks); deterministic on every process.
-            sources=self.decoder.sources(embeddings, prototypes, settings["candidates"]),
+            sources=sources,
         )
 
     def _decode(
@@ -902,10 +1067,21 @@ class PDSPipeline(DiffusionPipeline):
                 digest.update(json.dumps(component.description(), sort_keys=True).encode())
         return digest.hexdigest()
 
-    def provenance(self, dataset: datasets.Dataset) -> dict:
-        """Where a distilled set comes from: the source dataset, the decoder (the repository and revision actually
-        loaded), its image encoder and the CLIP text tower, with revisions when known."""
+    def provenance(self, dataset: datasets.Dataset | None, source: PrecomputedEmbeddings | None = None) -> dict:
+        """Where a distilled set comes from: the source dataset (or the precomputed embeddings), the decoder (the
+        repository and revision actually loaded), its image encoder and the CLIP text tower, with revisions when
+        known."""
         unet_path = getattr(self.unet.config, "_name_or_path", "") if self.unet is not None else ""
+        models = {
+            "decoder": self.config.decoder,
+            "decoder_checkpoint": None if self.unet is None else (self.name_or_path or "unknown"),
+            "decoder_revision": snapshot_revision(unet_path),
+            "ip_adapter": getattr(self.config, "_ip_adapter", None),
+            **self._encoder_provenance(),
+            "hf_pds_version": hf_pds_version(),
+        }
+        if dataset is None:
+            return {"source_description": None, "embeddings": source.description(), **models}
         return {
             "source_dataset": dataset.info.dataset_name or None,
             # What the card says of a source that has no name.
@@ -914,12 +1090,8 @@ class PDSPipeline(DiffusionPipeline):
             "source_split": str(dataset.split) if dataset.split is not None else None,
             "source_fingerprint": getattr(dataset, "_fingerprint", None) or "unknown (streamed)",
             "source_license": dataset.info.license or None,
-            "decoder": self.config.decoder,
-            "decoder_checkpoint": None if self.unet is None else (self.name_or_path or "unknown"),
-            "decoder_revision": snapshot_revision(unet_path),
-            "ip_adapter": getattr(self.config, "_ip_adapter", None),
-            **self._encoder_provenance(),
-            "hf_pds_version": hf_pds_version(),
+            **({"embeddings": source.description()} if source is not None else {}),
+            **models,
         }
 
     def _encoder_provenance(self) -> dict:

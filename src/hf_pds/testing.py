@@ -937,3 +937,67 @@ def digits_demo_pipeline() -> PDSPipeline:
     """The pipeline of ``hf-pds distill`` with no ``--dataset``: the ``select`` decoder (each image is the real scan
     nearest its image prototype) with :func:`digits_demo_encoders`. Offline, on the CPU."""
     return PDSPipeline(encoders=digits_demo_encoders(), decoder="select")
+
+
+def planted_pairs(
+    n_pairs: int, dim: int, n_concepts: int, seed: int = 0, shard: int = 0, mismatched: float = 0.1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image and text embeddings of ``n_pairs`` pairs with planted structure, one caption per image:
+    ``(image_embeds, text_embeds, concept)``, float32 ``[n_pairs, dim]`` and int64 ``[n_pairs]``.
+
+    ``n_concepts`` concepts have an image centre and a text centre near it (one shared space, as CLIP's), drawn
+    from ``seed`` alone; each pair draws a concept and its noise from ``(seed, shard)``, so that the shards of one
+    planted set are made independently. The noise of a row is a row of a bank of 4096 Gaussian rows, drawn by
+    index: a hundred million pairs are planted in minutes, not hours. A ``mismatched`` fraction of pairs takes
+    the text of another concept: the pairs that pruning should drop. Rows have norms around 20, the raw scale of
+    CLIP's projections (not unit vectors)."""
+    centres = np.random.default_rng([seed, 0])
+    image_centres = centres.standard_normal((n_concepts, dim), dtype=np.float32)
+    text_centres = image_centres + 0.5 * centres.standard_normal((n_concepts, dim), dtype=np.float32)
+    bank = 0.7 * centres.standard_normal((4096, dim), dtype=np.float32)
+    rng = np.random.default_rng([seed, 1, shard])
+    concept = rng.integers(0, n_concepts, n_pairs)
+    described = np.where(rng.random(n_pairs) < mismatched, rng.integers(0, n_concepts, n_pairs), concept)
+    scale = np.float32(20 / np.sqrt(dim))
+    embeds = []
+    for centre_rows, centre_of_pair in ((image_centres, concept), (text_centres, described)):
+        rows = centre_rows[centre_of_pair]
+        rows += bank[rng.integers(0, len(bank), n_pairs)]
+        rows *= scale
+        embeds.append(rows)
+    return embeds[0], embeds[1], concept
+
+
+def write_clip_retrieval_shard(
+    folder: str | Path, index: int, image_embeds: np.ndarray, text_embeds: np.ndarray, captions: list[str]
+) -> None:
+    """Write shard ``index`` of a folder in clip-retrieval's layout: ``img_emb/img_emb_{index}.npy``,
+    ``text_emb/text_emb_{index}.npy`` and ``metadata/metadata_{index}.parquet`` (a ``caption`` column), in the
+    arrays' own dtype (clip-retrieval writes float16)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    for name in ("img_emb", "text_emb", "metadata"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    np.save(folder / "img_emb" / f"img_emb_{index}.npy", image_embeds)
+    np.save(folder / "text_emb" / f"text_emb_{index}.npy", text_embeds)
+    pq.write_table(pa.table({"caption": captions}), folder / "metadata" / f"metadata_{index}.parquet")
+
+
+def write_clip_retrieval(
+    folder: str | Path,
+    image_embeds: np.ndarray,
+    text_embeds: np.ndarray,
+    captions: list[str],
+    shard_size: int,
+    dtype: str = "float16",
+) -> Path:
+    """Write aligned pairs (row ``i`` of each is one pair) as a folder in clip-retrieval's layout, ``shard_size``
+    rows per shard, embeddings in ``dtype``; returns the folder."""
+    for index, start in enumerate(range(0, len(captions), shard_size)):
+        rows = slice(start, start + shard_size)
+        write_clip_retrieval_shard(
+            folder, index, image_embeds[rows].astype(dtype), text_embeds[rows].astype(dtype), list(captions[rows])
+        )
+    return Path(folder)

@@ -209,6 +209,13 @@ class Decoder:
         return self.pipeline(**kwargs, generator=generators, output_type="pil").images
 
     @classmethod
-    def sources(cls, embeddings, prototypes, candidates: int) -> np.ndarray | None:
-        """Dataset rows a decoder reads for each prototype's candidates (``[M, candidates]``), or None."""
+    def embedding_norm(cls, components: dict[str, Any]) -> float | None:
+        """The typical L2 norm of the raw image embeddings the decoder was trained on, measured from its
+        components, or None when they do not tell (L2-normalised input is rescaled to it on request)."""
+        return None
+
+    @classmethod
+    def sources(cls, image_embeds: np.ndarray, rows: np.ndarray, prototypes, candidates: int) -> np.ndarray | None:
+        """Dataset rows a decoder reads for each prototype's candidates (``[M, candidates]``), or None; ``image_embeds``
+        are the source's images, ``rows`` their rows in the dataset."""
         return None

@@ -115,16 +115,16 @@ class SelectDecoder(Decoder):
         return None
 
     @classmethod
-    def sources(cls, embeddings, prototypes, candidates: int) -> np.ndarray:
+    def sources(cls, image_embeds: np.ndarray, rows: np.ndarray, prototypes, candidates: int) -> np.ndarray:
         from ..evaluation.coreset import nearest_distinct_rows
 
-        remaining = np.arange(len(embeddings.image_embeds))
+        remaining = np.arange(len(image_embeds))
         rounds = []
         for _ in range(candidates):
-            picked = remaining[nearest_distinct_rows(prototypes.image_prototypes, embeddings.image_embeds[remaining])]
+            picked = remaining[nearest_distinct_rows(prototypes.image_prototypes, image_embeds[remaining])]
             rounds.append(picked)
             remaining = np.setdiff1d(remaining, picked)
-        return np.asarray(embeddings.rows)[np.stack(rounds, axis=1)]
+        return np.asarray(rows)[np.stack(rounds, axis=1)]
 
     def decode(
         self,

@@ -65,6 +65,14 @@ class UnCLIPDecoder(Decoder):
                 f"image_normalizer expects {normalizer_width}-d image embeddings but image_encoder makes {width}-d."
             )
 
+    @classmethod
+    def embedding_norm(cls, components: dict[str, Any]) -> float:
+        """The root mean square norm of the image embeddings unCLIP was trained on, from its image normaliser's
+        per-dimension statistics of them: ``sqrt(sum(mean**2 + std**2))``."""
+        normalizer = components["image_normalizer"]
+        moments = normalizer.mean.detach().double() ** 2 + normalizer.std.detach().double() ** 2
+        return float(moments.sum().sqrt())
+
     def build_pipeline(self, components: dict[str, Any], scheduler: str | None):
         from diffusers import StableUnCLIPImg2ImgPipeline
 
