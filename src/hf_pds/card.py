@@ -212,6 +212,8 @@ def render_card(dataset, prototypes, settings: dict, provenance: dict, repo_id: 
         n_rows=len(dataset),
         n_preview=min(16, len(dataset)),
         source_text=_source_text(source, provenance),
+        embeddings=_embeddings_text(provenance.get("embeddings")),
+        sample_size=prototypes.settings.get("sample_size"),
         source_config=told("source_config"),
         source_split=told("source_split"),
         source_fingerprint=told("source_fingerprint", "unknown"),
@@ -257,11 +259,28 @@ def render_card(dataset, prototypes, settings: dict, provenance: dict, repo_id: 
 
 def _source_text(source: str | None, provenance: dict) -> str:
     """How the card names the source: a link for a Hub id, else its (escaped) name, else what it was."""
+    if source is None and provenance.get("embeddings") and not provenance.get("source_description"):
+        return "precomputed embeddings and their captions"
     if source is None:
         return escape_markdown(provenance.get("source_description") or "an unnamed dataset")
     if _is_hub_id(source):
         return f"[{markdown_code(source)}](https://huggingface.co/datasets/{source})"
     return markdown_code(source)
+
+
+def _embeddings_text(description: dict | None) -> str | None:
+    """How the card says where precomputed embeddings came from (None: the run embedded the images itself)."""
+    if not description:
+        return None
+    if description["kind"] == "clip-retrieval":
+        where = f"a folder in clip-retrieval's layout, {markdown_code(public_name(description['path']))}"
+    else:
+        columns = f"{markdown_code(description['image_column'])} and {markdown_code(description['text_column'])}"
+        where = f"the dataset's columns {columns}"
+    return (
+        f"precomputed, read from {where}: {description['pairs']} pairs in {description['shards']} shards, "
+        f"{description['dim']}-d {description['dtype']}; no image was read"
+    )
 
 
 def _is_hub_id(name: str | None) -> bool:
