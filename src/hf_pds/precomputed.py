@@ -11,8 +11,8 @@ into a RAM budget of its own (4 GiB by default), and it pins ``pandas<3``: the p
 of a shard together, and memory maps already give it pieces without copies.
 
 A ``datasets.Dataset`` whose columns hold the embeddings (DataComp's parquet files, loaded with ``load_dataset``) is
-read as shards of ``shard_size`` rows of its Arrow table, without copies where the table is memory-mapped and the
-rows are contiguous.
+read as shards of ``shard_size`` rows of its (memory-mapped) Arrow table, each gathered into one array when loaded:
+a copy of one shard, since ``datasets`` writes its Arrow files in batches of 1,000 rows whose buffers are apart.
 
 Every check that needs no full read runs when the source is opened (the ``.npy`` headers and sizes, the parquet
 footers, the Arrow list offsets): a source that opens is one the prototype stage can read. A NaN or inf row is
@@ -473,8 +473,8 @@ def embeddings_of_dataset(
     pair per row, e.g. DataComp's parquet files loaded with ``load_dataset("parquet", ...)``), as shards of
     ``shard_size`` rows.
 
-    A shard's rows come from the Arrow table without a copy where the table is one chunk over them (a memory-mapped
-    dataset read in order); float64 cells (``Dataset.from_dict`` of Python floats) are read as float32. Checks,
+    A loaded shard is one array gathered from the Arrow table's chunks (a view, without a copy, where one chunk
+    holds the shard's rows); float64 cells (``Dataset.from_dict`` of Python floats) are read as float32. Checks,
     reading the columns' Arrow types and list offsets, not their values (a dataset with an indices mapping, from
     ``select`` or ``shuffle``, has its rows gathered to be checked): the columns exist; the embedding columns hold
     lists of floats, none null, all of one width, with no null value; the caption column holds strings.
