@@ -6,7 +6,6 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -18,32 +17,9 @@ from helpers import REPO
 from hf_pds import precomputed
 from hf_pds.precomputed import check_precomputed, embeddings_of_dataset, open_clip_retrieval
 from hf_pds.shards import PairShard
+from hf_pds.testing import write_clip_retrieval
 
 DIM, TEXT_DIM, N = 8, 6, 30
-
-
-def write_clip_retrieval(
-    folder: str | os.PathLike,
-    image_embeds: np.ndarray,
-    text_embeds: np.ndarray,
-    captions: list[str],
-    shard_size: int,
-    dtype: str = "float16",
-) -> Path:
-    """Write pairs in clip-retrieval's layout: ``img_emb/img_emb_{i}.npy``, ``text_emb/text_emb_{i}.npy`` and
-    ``metadata/metadata_{i}.parquet`` (a ``caption`` column and a ``url`` column, which is ignored) of
-    ``shard_size`` rows each (the last one shorter), the arrays as ``dtype``. Returns the folder."""
-    folder = Path(folder)
-    for part in ("img_emb", "text_emb", "metadata"):
-        (folder / part).mkdir(parents=True, exist_ok=True)
-    for shard, start in enumerate(range(0, len(captions), shard_size)):
-        stop = start + shard_size
-        np.save(folder / "img_emb" / f"img_emb_{shard}.npy", np.asarray(image_embeds[start:stop], dtype=dtype))
-        np.save(folder / "text_emb" / f"text_emb_{shard}.npy", np.asarray(text_embeds[start:stop], dtype=dtype))
-        urls = [f"https://example.com/{row}.jpg" for row in range(start, min(stop, len(captions)))]
-        table = pa.table({"url": urls, "caption": captions[start:stop]})
-        pq.write_table(table, folder / "metadata" / f"metadata_{shard}.parquet")
-    return folder
 
 
 def planted(n=N, seed=0, scale=5.0):

@@ -972,8 +972,8 @@ def write_clip_retrieval_shard(
     folder: str | Path, index: int, image_embeds: np.ndarray, text_embeds: np.ndarray, captions: list[str]
 ) -> None:
     """Write shard ``index`` of a folder in clip-retrieval's layout: ``img_emb/img_emb_{index}.npy``,
-    ``text_emb/text_emb_{index}.npy`` and ``metadata/metadata_{index}.parquet`` (a ``caption`` column), in the
-    arrays' own dtype (clip-retrieval writes float16)."""
+    ``text_emb/text_emb_{index}.npy`` and ``metadata/metadata_{index}.parquet`` (a ``url`` column, which hf-pds
+    ignores, and a ``caption`` column), in the arrays' own dtype (clip-retrieval writes float16)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -982,7 +982,8 @@ def write_clip_retrieval_shard(
         (folder / name).mkdir(parents=True, exist_ok=True)
     np.save(folder / "img_emb" / f"img_emb_{index}.npy", image_embeds)
     np.save(folder / "text_emb" / f"text_emb_{index}.npy", text_embeds)
-    pq.write_table(pa.table({"caption": captions}), folder / "metadata" / f"metadata_{index}.parquet")
+    urls = [f"https://example.com/{index}/{row}.jpg" for row in range(len(captions))]
+    pq.write_table(pa.table({"url": urls, "caption": captions}), folder / "metadata" / f"metadata_{index}.parquet")
 
 
 def write_clip_retrieval(
@@ -997,7 +998,6 @@ def write_clip_retrieval(
     rows per shard, embeddings in ``dtype``; returns the folder."""
     for index, start in enumerate(range(0, len(captions), shard_size)):
         rows = slice(start, start + shard_size)
-        write_clip_retrieval_shard(
-            folder, index, image_embeds[rows].astype(dtype), text_embeds[rows].astype(dtype), list(captions[rows])
-        )
+        images, texts = (np.asarray(embeds[rows], dtype=dtype) for embeds in (image_embeds, text_embeds))
+        write_clip_retrieval_shard(folder, index, images, texts, list(captions[rows]))
     return Path(folder)
