@@ -275,7 +275,10 @@ def _embeddings_text(description: dict | None) -> str | None:
     if description["kind"] == "clip-retrieval":
         where = f"a folder in clip-retrieval's layout, {markdown_code(public_name(description['path']))}"
     else:
-        columns = f"{markdown_code(description['image_column'])} and {markdown_code(description['text_column'])}"
+        columns = description["columns"]
+        columns = " and ".join(
+            markdown_code(columns[name]) for name in ("image_embedding_column", "text_embedding_column")
+        )
         where = f"the dataset's columns {columns}"
     return (
         f"precomputed, read from {where}: {description['pairs']} pairs in {description['shards']} shards, "

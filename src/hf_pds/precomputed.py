@@ -71,7 +71,11 @@ class PrecomputedEmbeddings:
         image_dim: width of the image embeddings.
         text_dim: width of the text embeddings.
         dtype: dtype of the rows a shard gives (``"float16"`` or ``"float32"``).
+        folder: the clip-retrieval folder (None for a dataset's columns): an output must not be inside it.
+        skipped_rows: always empty: no row is left out (a bad row is refused, naming it).
     """
+
+    skipped_rows: tuple = ()
 
     def __init__(
         self,
@@ -83,8 +87,10 @@ class PrecomputedEmbeddings:
         identity: dict,
         description: dict,
         origin: str,
+        folder: Path | None = None,
     ):
         self.shards = shards
+        self.folder = folder
         self.image_dim = image_dim
         self.text_dim = text_dim
         self.dtype = dtype
@@ -101,6 +107,16 @@ class PrecomputedEmbeddings:
             f"PrecomputedEmbeddings({self._origin}: {self.n_pairs} pairs in {len(self.shards)} shards, "
             f"{self.image_dim}-d images, {self.text_dim}-d texts, {self.dtype})"
         )
+
+    @property
+    def n_images(self) -> int:
+        """Images in all: each pair is its own image."""
+        return self.n_pairs
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The row of each image: pair ``i`` is row ``i``."""
+        return np.arange(self.n_pairs)
 
     def caption(self, pair: int) -> str:
         """The caption of global pair ``pair`` (reads only the part of its shard's captions that holds it)."""
@@ -279,7 +295,7 @@ def open_clip_retrieval(folder: str | os.PathLike, caption_column: str = "captio
         for path in (numbered[part][number] for part in CLIP_RETRIEVAL_FILES)
     ]
     n_pairs = sum(shard.n_pairs for shard in shards)
-    dims = {"dim": first_image.shape[1], "text_dim": first_text.shape[1], "dtype": first_image.dtype}
+    dims = {"dim": first_image.shape[1], "text_dim": first_text.shape[1], "dtype": str(first_image.dtype)}
     return PrecomputedEmbeddings(
         shards,
         first_image.shape[1],
@@ -299,6 +315,7 @@ def open_clip_retrieval(folder: str | os.PathLike, caption_column: str = "captio
             **dims,
         },
         origin=f"the clip-retrieval folder {root}",
+        folder=root.resolve(),
     )
 
 
@@ -537,7 +554,7 @@ def embeddings_of_dataset(
         )
         for index, (start, stop) in enumerate(bounds)
     ]
-    dims = {"dim": image_dim, "text_dim": text_dim, "dtype": image_dtype}
+    dims = {"dim": image_dim, "text_dim": text_dim, "dtype": str(image_dtype)}
     return PrecomputedEmbeddings(
         shards,
         image_dim,
