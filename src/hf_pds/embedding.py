@@ -250,11 +250,14 @@ def embed_images(
     """Image embeddings ``[n, d]`` (float32, on ``device``) of batches of the towers' input (``towers.pixels``),
     counted on ``bar`` when given (else on a bar of their own)."""
     chunks = []
-    own = tqdm(total=total, desc="Embedding images", unit="img", disable=not progress) if bar is None else None
-    with own or nullcontext():
+    if bar is None:
+        bar = own = tqdm(total=total, desc="Embedding images", unit="img", disable=not progress)
+    else:
+        own = nullcontext()
+    with own:
         for pixels in batches:
             chunks.append(towers.encode_pixels(pixels, device))
-            (bar or own).update(len(pixels))
+            bar.update(len(pixels))
     if not chunks:
         return torch.zeros((0, towers.image_dim), device=device)
     return torch.cat(chunks)
@@ -289,11 +292,14 @@ def embed_texts(
     (else on a bar of their own)."""
     chunks = []
     total = sum(len(batch) for batch in batches)
-    own = tqdm(total=total, desc="Embedding captions", unit="caption", disable=not progress) if bar is None else None
-    with own or nullcontext():
+    if bar is None:
+        bar = own = tqdm(total=total, desc="Embedding captions", unit="caption", disable=not progress)
+    else:
+        own = nullcontext()
+    with own:
         for batch in batches:
             chunks.append(towers.encode_texts(batch, device))
-            (bar or own).update(len(batch))
+            bar.update(len(batch))
     return torch.cat(chunks)
 
 
