@@ -39,6 +39,7 @@ from .pairs import (
 )
 from .shards import (
     DEFAULT_SHARD_IMAGES,
+    ShardRef,
     Store,
     StoreArrays,
     finish_store,
@@ -137,7 +138,19 @@ class Embeddings:
 
     @property
     def rows(self) -> np.ndarray:
-        return self.arrays.rows
+        return self.store.rows()
+
+    @property
+    def shards(self) -> list[ShardRef]:
+        return self.store.shards
+
+    @property
+    def n_images(self) -> int:
+        return self.store.n_images
+
+    @property
+    def n_pairs(self) -> int:
+        return self.store.n_pairs
 
     def close(self) -> None:
         """Remove the temporary folder of uncached shards, once every process is done with them (a barrier)."""

@@ -384,19 +384,8 @@ class Store:
     def arrays(self) -> StoreArrays:
         """The whole store in memory (every shard read and concatenated; ``caption_image`` made global): the
         in-memory path, for stores that fit (up to about a million pairs)."""
-        images, texts, pairs, offset = [], [], [], 0
-        for shard in self.shards:
-            loaded = shard.load()
-            images.append(np.asarray(loaded.image_embeds))
-            texts.append(np.asarray(loaded.text_embeds))
-            pairs.append(loaded.image_of_pairs().astype(np.int64) + offset)
-            offset += shard.n_images
-        return StoreArrays(
-            image_embeds=_concatenate(images, self.dtype, (0, self.image_dim)),
-            text_embeds=_concatenate(texts, self.dtype, (0, self.text_dim)),
-            caption_image=_concatenate(pairs, np.int64),
-            rows=self.rows(),
-        )
+        image_embeds, text_embeds, caption_image = load_pairs(self.shards, self.dtype, self.image_dim, self.text_dim)
+        return StoreArrays(image_embeds, text_embeds, caption_image, self.rows())
 
     def verify(self) -> None:
         """Read every file and compare it with the SHA-256 its manifest recorded while writing; raise ``ValueError``
@@ -407,6 +396,25 @@ class Store:
             for file, expected in record["files"].items():
                 if _sha256(self.folder / record["name"] / file) != expected["sha256"]:
                     raise ValueError(f"{self.folder}: {record['name']}/{file} does not match its SHA-256.")
+
+
+def load_pairs(
+    shards: list[ShardRef], dtype: str = "float32", image_dim: int = 0, text_dim: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(image_embeds, text_embeds, caption_image)`` of ``shards`` read whole and concatenated in their order, with
+    ``caption_image`` made global (the in-memory path); ``dtype`` and the widths shape the result of no shard."""
+    images, texts, pairs, offset = [], [], [], 0
+    for shard in shards:
+        loaded = shard.load()
+        images.append(np.asarray(loaded.image_embeds))
+        texts.append(np.asarray(loaded.text_embeds))
+        pairs.append(loaded.image_of_pairs().astype(np.int64) + offset)
+        offset += shard.n_images
+    return (
+        _concatenate(images, dtype, (0, image_dim)),
+        _concatenate(texts, dtype, (0, text_dim)),
+        _concatenate(pairs, np.int64),
+    )
 
 
 def _concatenate(parts: list[np.ndarray], dtype, empty_shape: tuple = (0,)) -> np.ndarray:
