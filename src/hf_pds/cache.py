@@ -7,10 +7,15 @@ One home holds every cache of hf-pds: ``$HF_PDS_CACHE``, else ``hf_pds`` under t
 An embedding entry is keyed by what changes the embeddings: the dataset (its fingerprint, and the content of the
 image files its cells point to, which the fingerprint does not cover), the columns, the row policy, and the CLIP
 towers (class, name, config, dtype and a sample of their weights) with their pre-processing.
-It is a folder of ``.npy`` arrays (read memory-mapped), JSON lists, and a manifest with a SHA-256 of every file,
-built in a staging folder and moved into place. A partial or corrupt entry is detected by its manifest and
-recomputed, never used. A cache folder that cannot be used (not writable, a file, a full disk) costs a warning,
-never the run.
+An entry is a store (:mod:`hf_pds.shards`): fixed-size shards of ``.npy`` arrays (read memory-mapped) and a
+manifest, written last. Each shard is written whole or not at all into ``<key>.partial/``, which a killed run leaves
+behind so that the next one embeds only the missing shards; the finished folder is moved into place. Opening an
+entry checks its manifest and each file's size and ``.npy`` header, never rereading the content; the SHA-256
+recorded while writing is checked by :meth:`hf_pds.shards.Store.verify` only. A corrupt entry is recomputed, never
+used. A cache folder that cannot be written (a file, read-only, a full disk) at the start of the embedding costs a
+warning, never the run: the shards go to the run's temporary folder. A disk that fills up in the middle of the
+embedding stops the run (:class:`~hf_pds.errors.NoSpaceError`), and the shards finished so far are kept for the
+next run.
 """
 
 from __future__ import annotations
@@ -22,9 +27,8 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
-
-from .hub import staged_folder
+from .hub import write_atomically
+from .shards import DEFAULT_SHARD_IMAGES, Store, finish_store, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +36,7 @@ CACHE_ENV = "HF_PDS_CACHE"
 # Read with a deprecation warning: the evaluation's feature cache had a home of its own.
 DEPRECATED_FEATURE_CACHE_ENV = "HF_PDS_FEATURE_CACHE"
 # Bump when the way embeddings are computed changes, so that old entries are not reused.
-CACHE_FORMAT = 1
-_MANIFEST = "manifest.json"
+CACHE_FORMAT = 2
 
 
 def cache_home() -> Path:
@@ -61,14 +64,6 @@ def features_cache_dir() -> Path:
         )
         return Path(os.environ[DEPRECATED_FEATURE_CACHE_ENV]).expanduser()
     return cache_home() / "features"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_fingerprint(module, samples_per_tensor: int = 64) -> str:
@@ -145,67 +140,75 @@ def towers_description(towers) -> dict:
 
 
 class EmbeddingCache:
-    """Embeddings on disk under ``folder/<key>/`` (``folder`` defaults to :func:`embeddings_cache_dir`)."""
+    """Embedding stores under ``folder/<key>/`` (``folder`` defaults to :func:`embeddings_cache_dir`).
+
+    An entry is a store (:mod:`hf_pds.shards`: a manifest and its shard folders). It is built in
+    ``folder/<key>.partial/``, which outlives a killed run: each shard is moved in whole when written, so the next
+    run with the same key embeds only the shards that are missing (:meth:`staging`, then
+    :func:`hf_pds.shards.finished_shards`). Once every shard is there, :meth:`finish` writes the manifest and moves
+    the folder into place. Entries of an older format have other keys, so they are never read (recomputed).
+    """
 
     def __init__(self, folder: str | os.PathLike | None = None):
         self.folder = Path(folder).expanduser() if folder is not None else embeddings_cache_dir()
 
-    def key(self, source: dict, towers) -> str:
-        """The entry name of embeddings of ``source`` (dataset identity, columns, row policy) made by
-        ``towers``: a SHA-256 of their canonical description."""
-        description = {"format": CACHE_FORMAT, **source, "towers": towers.description()}
+    def key(self, source: dict, towers, *, dtype: str = "float32", shard_size: int = DEFAULT_SHARD_IMAGES) -> str:
+        """The entry name of embeddings of ``source`` (dataset identity, columns, row policy) made by ``towers``
+        and stored as ``dtype`` in shards of ``shard_size`` images: a SHA-256 of their canonical description."""
+        description = {
+            "format": CACHE_FORMAT,
+            **source,
+            "towers": towers.description(),
+            "dtype": dtype,
+            "shard_size": shard_size,
+        }
         canonical = json.dumps(description, sort_keys=True, default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:40]
 
-    def load(self, key: str) -> tuple[dict[str, np.ndarray], dict[str, list]] | None:
-        """``(arrays, lists)`` of the entry ``key``, arrays memory-mapped; None when absent, partial or corrupt."""
-        entry = self.folder / key
+    def entry(self, key: str) -> Path:
+        """The folder of the finished entry ``key``."""
+        return self.folder / key
+
+    def load(self, key: str) -> Store | None:
+        """The store of the entry ``key`` (checked as :func:`hf_pds.shards.open_store` checks: manifest, sizes and
+        headers, no checksum); None, with a warning, when it is absent, partial or corrupt."""
+        entry = self.entry(key)
         if not entry.is_dir():
             return None
         try:
-            manifest = json.loads((entry / _MANIFEST).read_text(encoding="utf-8"))
-            if manifest["key"] != key:
-                raise ValueError("its manifest names another entry")
-            for name, checksum in manifest["sha256"].items():
-                if _sha256(entry / name) != checksum:
-                    raise ValueError(f"{name} does not match its checksum")
-            arrays = {name: np.load(entry / f"{name}.npy", mmap_mode="r") for name in manifest["arrays"]}
-            lists = {
-                name: json.loads((entry / f"{name}.json").read_text(encoding="utf-8")) for name in manifest["lists"]
-            }
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            store = open_store(entry, key)
+        except ValueError as error:
             logger.warning("Ignoring the corrupt embedding cache entry %s (%s); recomputing.", entry, error)
             return None
         logger.info("Loaded embeddings from the cache: %s", entry)
-        return arrays, lists
+        return store
 
-    def save(self, key: str, arrays: dict[str, np.ndarray], lists: dict[str, list]) -> Path | None:
-        """Write the entry ``key`` atomically and return it; a corrupt entry there is replaced. When the cache
-        folder cannot be written, warn and return None: the run goes on without the cache."""
-        entry = self.folder / key
+    def staging(self, key: str) -> Path | None:
+        """The folder where the entry ``key`` is built, ``<key>.partial/``, with the shards an interrupted run
+        finished; made, and checked to be writable, here. When it cannot be written (the cache folder is a file,
+        read-only, on a full disk), warn and return None: the run goes on without the cache."""
+        staging = self.folder / f"{key}.partial"
+        probe = staging / ".writable"
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with staged_folder(entry) as staging:
-                for name, array in arrays.items():
-                    np.save(staging / f"{name}.npy", np.ascontiguousarray(array))
-                for name, values in lists.items():
-                    (staging / f"{name}.json").write_text(json.dumps(values), encoding="utf-8")
-                files = [f"{name}.npy" for name in arrays] + [f"{name}.json" for name in lists]
-                manifest = {
-                    "key": key,
-                    "format": CACHE_FORMAT,
-                    "arrays": list(arrays),
-                    "lists": list(lists),
-                    "sha256": {name: _sha256(staging / name) for name in files},
-                }
-                # The manifest is written last: an entry without one is incomplete by construction.
-                (staging / _MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+            staging.mkdir(parents=True, exist_ok=True)
+            write_atomically(probe, b"")
+            probe.unlink()
         except OSError as error:
             logger.warning(
                 "The embedding cache at %s cannot be written (%s): going on without the cache.",
                 self.folder,
                 error.strerror or error,
             )
+            if staging.is_dir() and not any(staging.iterdir()):
+                staging.rmdir()
             return None
-        logger.info("Cached the embeddings at %s", entry)
-        return entry
+        return staging
+
+    def finish(self, key: str, n_shards: int, *, dtype: str, shard_size: int) -> Store:
+        """Write the manifest of the entry ``key`` once its ``n_shards`` shards are in :meth:`staging`, move it
+        into place and return its store (the main process, once every process has written its shards)."""
+        store = finish_store(
+            self.folder / f"{key}.partial", self.entry(key), n_shards, dtype=dtype, shard_size=shard_size, key=key
+        )
+        logger.info("Cached the embeddings at %s", store.folder)
+        return store

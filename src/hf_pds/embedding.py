@@ -1,17 +1,25 @@
 """Step 1 of PDS: raw CLIP embeddings of the images and captions of a dataset, through the embedding cache.
 
-Each image is embedded once; each caption is one pair, pointing at its image through ``caption_image``. A
-map-style dataset is embedded in batches shared between processes and cached on disk; a stream is read once, by
-the main process, one batch of images at a time, and its rows are checked as they arrive.
+Each image is embedded once; each caption is one pair, pointing at its image through ``caption_image``. The result
+is a store of fixed-size shards on disk (:mod:`hf_pds.shards`). A map-style dataset's shards are shared between
+processes, each writing its own, into the embedding cache (resumable shard by shard) or a temporary folder; a stream
+is read once, by the main process, one batch of images at a time, its rows checked as they arrive, and written as a
+store.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -19,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import EmbeddingCache, towers_description
-from .distributed import SINGLE_PROCESS, aligned_batches, broadcast, gather_rows
+from .distributed import SINGLE_PROCESS, barrier, broadcast, process_share
 from .pairs import (
     PairTable,
     caption_problem,
@@ -29,10 +37,19 @@ from .pairs import (
     report_problems,
     undecoded_cells,
 )
+from .shards import (
+    DEFAULT_SHARD_IMAGES,
+    ShardRef,
+    Store,
+    StoreArrays,
+    finish_store,
+    finished_shards,
+    shard_spans,
+    write_shard,
+    write_store,
+)
 
 logger = logging.getLogger(__name__)
-
-_ARRAYS = ("image_embeds", "text_embeds", "caption_image", "rows")
 
 
 @dataclass(frozen=True)
@@ -85,18 +102,75 @@ class ClipTowers:
 
 @dataclass
 class Embeddings:
-    """Raw (not normalised) projected CLIP embeddings, float32, with the pair structure.
+    """What the embedding stage gives: raw (not normalised) projected CLIP embeddings in a store, with the pairs.
 
-    ``image_embeds[caption_image[k]]`` is the image of caption ``k``; ``rows`` gives each image's row in
-    the dataset (or stream), ``skipped_rows`` the rows left out as unusable.
+    ``store`` holds the shards (:class:`hf_pds.shards.Store`: ``store.shards`` for passes over them,
+    ``store.arrays()`` for the whole of it in memory); pair ``k`` of the store (shard after shard) is caption
+    ``captions[k]``; ``skipped_rows`` are the dataset rows left out as unusable. The attributes ``image_embeds``,
+    ``text_embeds``, ``caption_image`` and ``rows`` read the whole store into memory once (the in-memory path).
+
+    Shards that are not cached live in a temporary folder (``scratch``, the main process's) until :meth:`close`:
+    use the object as a context manager (``with embed(...) as embeddings:``) to remove it when the block ends;
+    otherwise it is removed when the object is garbage-collected, or at exit.
     """
 
-    image_embeds: np.ndarray
-    text_embeds: np.ndarray
-    caption_image: np.ndarray
+    store: Store
     captions: list[str]
-    rows: np.ndarray
     skipped_rows: list[int]
+    scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    state: Any = field(default=SINGLE_PROCESS, repr=False)
+
+    @cached_property
+    def arrays(self) -> StoreArrays:
+        return self.store.arrays()
+
+    @property
+    def image_embeds(self) -> np.ndarray:
+        return self.arrays.image_embeds
+
+    @property
+    def text_embeds(self) -> np.ndarray:
+        return self.arrays.text_embeds
+
+    @property
+    def caption_image(self) -> np.ndarray:
+        return self.arrays.caption_image
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.store.rows()
+
+    @property
+    def shards(self) -> list[ShardRef]:
+        return self.store.shards
+
+    @property
+    def n_images(self) -> int:
+        return self.store.n_images
+
+    @property
+    def n_pairs(self) -> int:
+        return self.store.n_pairs
+
+    def close(self) -> None:
+        """Remove the temporary folder of uncached shards, once every process is done with them (a barrier)."""
+        barrier(self.state)
+        if self.scratch is not None:
+            self.scratch.cleanup()
+            self.scratch = None
+
+    def __enter__(self) -> Embeddings:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _scratch(state) -> tuple[tempfile.TemporaryDirectory | None, Path]:
+    """A temporary folder for one run's uncached shards (in ``$TMPDIR``), made by the main process; its path on
+    every process (the processes of one embedding stage share a file system, as they share the cache)."""
+    scratch = tempfile.TemporaryDirectory(prefix="hf-pds-embeddings-") if state.is_main_process else None
+    return scratch, Path(broadcast(scratch and scratch.name, state))
 
 
 def embed(
@@ -113,24 +187,34 @@ def embed(
     progress: bool = True,
     state=SINGLE_PROCESS,
     workers: int = 1,
+    shard_size: int = DEFAULT_SHARD_IMAGES,
+    dtype: str = "float32",
 ) -> Embeddings:
     """Embed ``dataset``: its ``pairs`` (a map-style dataset, checked by :func:`hf_pds.pairs.read_pairs`) or, with
-    ``pairs=None``, a stream read once by the main process. Every process gets the embeddings.
+    ``pairs=None``, a stream read once by the main process. Every process gets the same :class:`Embeddings` (a
+    store of shards of ``shard_size`` images, embeddings stored as ``dtype``: see :func:`hf_pds.shards.write_store`).
 
-    With a ``cache``, a map-style dataset's embeddings are read from it when the same dataset (its table and the
-    content of the image files it points to: :func:`hf_pds.pairs.dataset_identity`), columns, row policy and towers
-    were embedded before, and written to it otherwise. ``workers`` threads decode a map-style dataset's
-    images ahead of the encoder (a stream is read one batch at a time).
+    A map-style dataset is embedded shard by shard, each process embedding and writing its own shards
+    (:func:`embed_pairs`); nothing is gathered. With a ``cache``, its embeddings are read from it when the same
+    dataset (its table and the content of the image files it points to: :func:`hf_pds.pairs.dataset_identity`),
+    columns, row policy, towers, dtype and shard size were embedded before, and written to it otherwise: a run
+    killed in the middle leaves its finished shards, and the next run embeds only the others. Without a cache (or
+    with one that cannot be written) the shards go to a temporary folder, removed by :meth:`Embeddings.close`.
+    ``workers`` threads decode a map-style dataset's images ahead of the encoder (a stream is read one batch at a
+    time).
     """
     progress = progress and state.is_main_process
     if pairs is None:
-        embeddings = None
+        scratch, folder = _scratch(state)
+        found = None
         if state.is_main_process:
-            embeddings = embed_stream(
+            arrays, captions, skipped_rows = embed_stream(
                 dataset, image_column, caption_column, towers, device, batch_size, skip_invalid_rows, progress
             )
-        return broadcast(embeddings, state)
-    key = None
+            found = write_store(folder / "shards", arrays, shard_size=shard_size, dtype=dtype), captions, skipped_rows
+        store, captions, skipped_rows = broadcast(found, state)
+        return Embeddings(store, captions, skipped_rows, scratch, state)
+    key = staging = scratch = None
     if cache is not None:
         source = {
             "dataset": dataset_identity(dataset, pairs),  # its table and the image files its cells point to
@@ -138,19 +222,33 @@ def embed(
             "caption_column": caption_column,
             "skip_invalid_rows": skip_invalid_rows,
         }
-        key = cache.key(source, towers)
+        key = cache.key(source, towers, dtype=dtype, shard_size=shard_size)
         cached = broadcast(cache.load(key) if state.is_main_process else None, state)
         if cached is not None:
-            arrays, lists = cached
-            return Embeddings(**arrays, **lists)
-    embeddings = embed_pairs(dataset, pairs, image_column, towers, device, batch_size, progress, state, workers)
-    if cache is not None and state.is_main_process:
-        cache.save(
-            key,
-            {name: getattr(embeddings, name) for name in _ARRAYS},
-            {"captions": embeddings.captions, "skipped_rows": [int(row) for row in embeddings.skipped_rows]},
-        )
-    return embeddings
+            return Embeddings(cached, pairs.captions, pairs.skipped_rows, state=state)
+        staging = broadcast(cache.staging(key) if state.is_main_process else None, state)
+    if staging is None:
+        scratch, folder = _scratch(state)
+        staging = folder / "shards.partial"
+    try:
+        embed_pairs(
+            dataset, pairs, image_column, towers, device, staging, batch_size, progress, state, workers,
+            shard_size=shard_size, dtype=dtype,
+        )  # fmt: skip
+        barrier(state)
+        store = None
+        if state.is_main_process:
+            n_shards = math.ceil(len(pairs.rows) / shard_size)
+            if scratch is None:
+                store = cache.finish(key, n_shards, dtype=dtype, shard_size=shard_size)
+            else:
+                store = finish_store(staging, folder / "shards", n_shards, dtype=dtype, shard_size=shard_size)
+        store = broadcast(store, state)
+    except BaseException:
+        if scratch is not None:
+            scratch.cleanup()
+        raise
+    return Embeddings(store, pairs.captions, pairs.skipped_rows, scratch, state)
 
 
 @torch.no_grad()
@@ -160,10 +258,16 @@ def embed_images(
     device: torch.device | str,
     total: int | None,
     progress: bool = True,
+    bar: tqdm | None = None,
 ) -> torch.Tensor:
-    """Image embeddings ``[n, d]`` (float32, on ``device``) of batches of the towers' input (``towers.pixels``)."""
+    """Image embeddings ``[n, d]`` (float32, on ``device``) of batches of the towers' input (``towers.pixels``),
+    counted on ``bar`` when given (else on a bar of their own)."""
     chunks = []
-    with tqdm(total=total, desc="Embedding images", unit="img", disable=not progress) as bar:
+    if bar is None:
+        bar = own = tqdm(total=total, desc="Embedding images", unit="img", disable=not progress)
+    else:
+        own = nullcontext()
+    with own:
         for pixels in batches:
             chunks.append(towers.encode_pixels(pixels, device))
             bar.update(len(pixels))
@@ -191,12 +295,21 @@ def in_threads(function: Callable, items: Iterable, workers: int) -> Iterator:
 
 @torch.no_grad()
 def embed_texts(
-    batches: list[list[str]], towers: ClipTowers, device: torch.device | str, progress: bool = True
+    batches: list[list[str]],
+    towers: ClipTowers,
+    device: torch.device | str,
+    progress: bool = True,
+    bar: tqdm | None = None,
 ) -> torch.Tensor:
-    """Text embeddings ``[n, d]`` (float32, on ``device``) of batches of captions."""
+    """Text embeddings ``[n, d]`` (float32, on ``device``) of batches of captions, counted on ``bar`` when given
+    (else on a bar of their own)."""
     chunks = []
     total = sum(len(batch) for batch in batches)
-    with tqdm(total=total, desc="Embedding captions", unit="caption", disable=not progress) as bar:
+    if bar is None:
+        bar = own = tqdm(total=total, desc="Embedding captions", unit="caption", disable=not progress)
+    else:
+        own = nullcontext()
+    with own:
         for batch in batches:
             chunks.append(towers.encode_texts(batch, device))
             bar.update(len(batch))
@@ -236,37 +349,50 @@ def embed_pairs(
     image_column: str,
     towers: ClipTowers,
     device: torch.device | str,
+    staging: str | os.PathLike,
     batch_size: int = 64,
     progress: bool = True,
     state=SINGLE_PROCESS,
     workers: int = 1,
-) -> Embeddings:
-    """Embed the images of ``pairs.rows`` (once each) and every caption of ``pairs``.
+    *,
+    shard_size: int = DEFAULT_SHARD_IMAGES,
+    dtype: str = "float32",
+) -> list[int]:
+    """Embed this process's shards of ``pairs`` and write each into ``staging``; return the indices it wrote.
 
-    ``workers`` threads decode and pre-process the images, ahead of the encoder. Under several processes
-    (``state``, an ``accelerate.PartialState``), each embeds a share of the batches of images and of captions (the
-    same batches as on one process), and every process gets all the embeddings back, in order.
+    Shard ``s`` holds images ``[s * shard_size, (s + 1) * shard_size)`` of ``pairs.rows`` (each embedded once) with
+    every caption of those images. Each process (``state``, an ``accelerate.PartialState``) takes its contiguous
+    share of the shards (:func:`hf_pds.distributed.process_share`) and embeds them in batches of ``batch_size``
+    counted from the shard's start, so a shard has the same bits whatever the number of processes. Shards already
+    in ``staging`` (:func:`hf_pds.shards.finished_shards`: an interrupted run's) are not embedded again. Nothing is
+    gathered: the caller finishes the store (:func:`hf_pds.shards.finish_store`) once every process is done.
+    ``workers`` threads decode and pre-process the images, ahead of the encoder.
     """
-    image_batches = [[pairs.rows[i] for i in batch] for batch in aligned_batches(len(pairs.rows), batch_size, state)]
-    image_embeds = embed_images(
-        _pixel_batches(dataset, image_column, image_batches, towers, workers),
-        towers,
-        device,
-        total=sum(len(batch) for batch in image_batches),
-        progress=progress,
-    )
-    text_batches = [
-        [pairs.captions[i] for i in batch] for batch in aligned_batches(len(pairs.captions), batch_size, state)
-    ]
-    text_embeds = embed_texts(text_batches, towers, device, progress)
-    return Embeddings(
-        image_embeds=gather_rows(image_embeds, len(pairs.rows), state).cpu().numpy(),
-        text_embeds=gather_rows(text_embeds, len(pairs.captions), state).cpu().numpy(),
-        caption_image=pairs.caption_image,
-        captions=pairs.captions,
-        rows=pairs.rows,
-        skipped_rows=pairs.skipped_rows,
-    )
+    staging = Path(staging)
+    spans = shard_spans(pairs.caption_image, len(pairs.rows), shard_size)
+    share = process_share(len(spans), state)
+    finished = finished_shards(staging)
+    todo = [index for index in share if index not in finished]
+    if len(todo) < len(share):
+        logger.info(
+            "Resuming: %d of %d shard(s) are already embedded in %s.", len(share) - len(todo), len(share), staging
+        )
+    total = sum(spans[index][1] - spans[index][0] + spans[index][3] - spans[index][2] for index in todo)
+    with tqdm(total=total, desc="Embedding images and captions", unit="row", disable=not progress) as bar:
+        for index in todo:
+            image_start, image_end, pair_start, pair_end = spans[index]
+            rows = pairs.rows[image_start:image_end]
+            image_batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+            pixels = _pixel_batches(dataset, image_column, image_batches, towers, workers)
+            image_embeds = embed_images(pixels, towers, device, total=None, bar=bar)
+            captions = pairs.captions[pair_start:pair_end]
+            text_batches = [captions[start : start + batch_size] for start in range(0, len(captions), batch_size)]
+            text_embeds = embed_texts(text_batches, towers, device, bar=bar)
+            caption_image = pairs.caption_image[pair_start:pair_end] - image_start
+            write_shard(
+                staging, index, image_embeds.cpu().numpy(), text_embeds.cpu().numpy(), caption_image, rows, dtype
+            )
+    return todo
 
 
 def embed_stream(
@@ -278,8 +404,9 @@ def embed_stream(
     batch_size: int = 64,
     skip_invalid_rows: bool = False,
     progress: bool = True,
-) -> Embeddings:
-    """Embed an ``IterableDataset`` in one pass, holding one batch of images at a time.
+) -> tuple[StoreArrays, list[str], list[int]]:
+    """Embed an ``IterableDataset`` in one pass, holding one batch of images at a time; return its arrays, its
+    captions (one per pair) and the rows it skipped.
 
     Each row is checked as it arrives, before its image is embedded: a row without a decodable image or with an
     empty caption raises ``ValueError`` naming it (or is skipped with ``skip_invalid_rows``).
@@ -330,11 +457,10 @@ def embed_stream(
         raise ValueError("No usable row is left: the stream is empty, or no row has a usable image and caption.")
     batches = [captions[start : start + batch_size] for start in range(0, len(captions), batch_size)]
     text_embeds = embed_texts(batches, towers, device, progress).cpu().numpy()
-    return Embeddings(
+    arrays = StoreArrays(
         image_embeds=image_embeds,
         text_embeds=text_embeds,
         caption_image=np.asarray(caption_image, dtype=np.int64),
-        captions=captions,
         rows=np.asarray(rows, dtype=np.int64),
-        skipped_rows=sorted(problems),
     )
+    return arrays, captions, sorted(problems)
