@@ -27,6 +27,7 @@ import os
 import warnings
 from pathlib import Path
 
+from .defaults import DEFAULT_EMBEDDING_DTYPE
 from .hub import write_atomically
 from .shards import DEFAULT_SHARD_IMAGES, Store, finish_store, open_store
 
@@ -152,7 +153,9 @@ class EmbeddingCache:
     def __init__(self, folder: str | os.PathLike | None = None):
         self.folder = Path(folder).expanduser() if folder is not None else embeddings_cache_dir()
 
-    def key(self, source: dict, towers, *, dtype: str = "float32", shard_size: int = DEFAULT_SHARD_IMAGES) -> str:
+    def key(
+        self, source: dict, towers, *, dtype: str = DEFAULT_EMBEDDING_DTYPE, shard_size: int = DEFAULT_SHARD_IMAGES
+    ) -> str:
         """The entry name of embeddings of ``source`` (dataset identity, columns, row policy) made by ``towers``
         and stored as ``dtype`` in shards of ``shard_size`` images: a SHA-256 of their canonical description."""
         description = {

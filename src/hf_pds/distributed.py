@@ -23,35 +23,6 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def aligned_batches(count: int, batch_size: int, state) -> list[list[int]]:
-    """This process's batches of ``range(count)``, padded so that every process has as many rows.
-
-    The batches are those of a single process (``[0, b)``, ``[b, 2b)``, ...): each process takes a contiguous
-    run of them, and padding comes as batches of its own (repeats of item 0). So an item is computed in the
-    same batch, with the same arithmetic, however many processes share the work, and the gathered rows line
-    up: item ``i`` sits at position ``i`` of the concatenation, padding after the last real item.
-    """
-    batches = [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
-    per_process = max(1, math.ceil(len(batches) / state.num_processes))
-    mine = batches[state.process_index * per_process : (state.process_index + 1) * per_process]
-    if state.num_processes == 1:
-        return mine
-    missing = per_process * batch_size - sum(len(batch) for batch in mine)
-    while missing > 0:
-        mine.append([0] * min(batch_size, missing))
-        missing -= batch_size
-    return mine
-
-
-def gather_rows(rows, count: int, state):
-    """Concatenate every process's rows (of :func:`aligned_batches`) in process order; drop the padding."""
-    if state.num_processes == 1:
-        return rows[:count]
-    from accelerate.utils import gather
-
-    return gather(rows.contiguous())[:count]
-
-
 def process_share(count: int, state) -> range:
     """This process's contiguous share of ``range(count)`` (shards, say): process ``p`` of ``P`` takes items
     ``[p * ceil(count / P), (p + 1) * ceil(count / P))``, clipped; the last processes may take none."""

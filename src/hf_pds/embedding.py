@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import EmbeddingCache, towers_description
+from .defaults import DEFAULT_EMBEDDING_DTYPE
 from .distributed import SINGLE_PROCESS, barrier, broadcast, process_share
 from .pairs import (
     PairTable,
@@ -106,8 +107,9 @@ class Embeddings:
 
     ``store`` holds the shards (:class:`hf_pds.shards.Store`: ``store.shards`` for passes over them,
     ``store.arrays()`` for the whole of it in memory); pair ``k`` of the store (shard after shard) is caption
-    ``captions[k]``; ``skipped_rows`` are the dataset rows left out as unusable. The attributes ``image_embeds``,
-    ``text_embeds``, ``caption_image`` and ``rows`` read the whole store into memory once (the in-memory path).
+    ``caption_texts[k]`` (:meth:`captions` reads several); ``skipped_rows`` are the dataset rows left out as
+    unusable. The attributes ``image_embeds``, ``text_embeds``, ``caption_image`` and ``rows`` read the whole store
+    into memory once (the in-memory path).
 
     Shards that are not cached live in a temporary folder (``scratch``, the main process's) until :meth:`close`:
     use the object as a context manager (``with embed(...) as embeddings:``) to remove it when the block ends;
@@ -115,7 +117,7 @@ class Embeddings:
     """
 
     store: Store
-    captions: list[str]
+    caption_texts: list[str]
     skipped_rows: list[int]
     scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
     state: Any = field(default=SINGLE_PROCESS, repr=False)
@@ -151,6 +153,10 @@ class Embeddings:
     @property
     def n_pairs(self) -> int:
         return self.store.n_pairs
+
+    def captions(self, pairs) -> list[str]:
+        """The captions of pairs ``pairs`` (indices into the store's pairs), in that order."""
+        return [self.caption_texts[int(pair)] for pair in pairs]
 
     def close(self) -> None:
         """Remove the temporary folder of uncached shards, once every process is done with them (a barrier)."""
@@ -188,7 +194,7 @@ def embed(
     state=SINGLE_PROCESS,
     workers: int = 1,
     shard_size: int = DEFAULT_SHARD_IMAGES,
-    dtype: str = "float32",
+    dtype: str = DEFAULT_EMBEDDING_DTYPE,
 ) -> Embeddings:
     """Embed ``dataset``: its ``pairs`` (a map-style dataset, checked by :func:`hf_pds.pairs.read_pairs`) or, with
     ``pairs=None``, a stream read once by the main process. Every process gets the same :class:`Embeddings` (a
@@ -356,7 +362,7 @@ def embed_pairs(
     workers: int = 1,
     *,
     shard_size: int = DEFAULT_SHARD_IMAGES,
-    dtype: str = "float32",
+    dtype: str = DEFAULT_EMBEDDING_DTYPE,
 ) -> list[int]:
     """Embed this process's shards of ``pairs`` and write each into ``staging``; return the indices it wrote.
 

@@ -62,7 +62,7 @@ from .defaults import (
 )
 from .distilled import PDSPipelineOutput, build_distilled_dataset
 from .distributed import barrier, broadcast, gather_dicts, process_share, process_state
-from .embedding import ClipTowers, embed
+from .embedding import ClipTowers, Embeddings, embed
 from .hub import check_output_folder, hf_pds_version
 from .pairs import PairTable, check_columns, dataset_identity, read_pairs
 from .precomputed import PrecomputedEmbeddings, check_precomputed, embeddings_of_dataset, open_clip_retrieval
@@ -896,6 +896,8 @@ class PDSPipeline(DiffusionPipeline):
             # 3. Prune, cluster and match: on the main process in memory, or in passes over the shards, each process
             #    over its own. Every process gets the prototypes.
             checkpoint = resumed or self._find_prototypes(source, inputs.settings, state, timings)
+            if isinstance(source, Embeddings):
+                source.close()  # its shards, when not cached, live in a temporary folder until now
             if run is not None:
                 run.save_checkpoint(checkpoint, state)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .defaults import DEFAULT_EMBEDDING_DTYPE, EMBEDDING_DTYPES
 from .hub import _NO_SPACE, NoSpaceError, no_space_error, write_atomically
 
 
@@ -67,7 +68,6 @@ class ShardRef:
 
 # The store format: a folder of shard folders and a manifest, written shard by shard.
 STORE_FORMAT = 2
-STORE_DTYPES = ("float32", "float16")
 MANIFEST = "manifest.json"
 # Images per shard of the embedding stage (with all their captions): about 150 MB per modality at d=768 in float32,
 # few enough files for a billion pairs, small enough that one shard in memory is nothing.
@@ -153,8 +153,8 @@ def _sha256(path: Path) -> str:
 
 
 def _check_dtype(dtype: str) -> np.dtype:
-    if dtype not in STORE_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(STORE_DTYPES)}, not {dtype!r}.")
+    if dtype not in EMBEDDING_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(EMBEDDING_DTYPES)}, not {dtype!r}.")
     return np.dtype(dtype)
 
 
@@ -165,7 +165,7 @@ def write_shard(
     text_embeds: np.ndarray,
     caption_image: np.ndarray,
     rows: np.ndarray,
-    dtype: str = "float32",
+    dtype: str = DEFAULT_EMBEDDING_DTYPE,
 ) -> dict:
     """Write shard ``index`` into the store being built in ``staging``; return its record.
 
@@ -308,7 +308,7 @@ def write_store(
     arrays: StoreArrays,
     *,
     shard_size: int = DEFAULT_SHARD_IMAGES,
-    dtype: str = "float32",
+    dtype: str = DEFAULT_EMBEDDING_DTYPE,
     key: str | None = None,
 ) -> Store:
     """Write ``arrays`` as a store at ``entry``, cut into shards of ``shard_size`` images (built in
