@@ -65,7 +65,13 @@ from .distributed import barrier, broadcast, gather_dicts, process_share, proces
 from .embedding import ClipTowers, Embeddings, embed
 from .hub import check_output_folder, hf_pds_version
 from .pairs import PairTable, check_columns, dataset_identity, read_pairs
-from .precomputed import PrecomputedEmbeddings, check_precomputed, embeddings_of_dataset, open_clip_retrieval
+from .precomputed import (
+    PrecomputedEmbeddings,
+    check_precomputed,
+    embeddings_of_dataset,
+    open_clip_retrieval,
+    spread,
+)
 from .prototypes import (
     check_budget,
     check_prune_ratio,
@@ -463,7 +469,8 @@ class PDSPipeline(DiffusionPipeline):
         else:
             source = embeddings_of_dataset(dataset, *columns, caption_column=caption_column)
         check_precomputed(source, image_dim=self.towers.image_dim)
-        return source
+        # Several machines may each hold only the shards their processes read.
+        return spread(source, process_state())
 
     def _embedding_norm(self, source: PrecomputedEmbeddings | None, embedding_norm) -> float | None:
         """The norm to which L2-normalised input is rescaled (None: the input is raw); ``ValueError`` when unit
@@ -667,8 +674,15 @@ class PDSPipeline(DiffusionPipeline):
             else:  # a stream: checked once it is read
                 n_pairs = n_images = n_rows = None
             budget = check_budget(budget, n_pairs, prune_ratio, n_images=n_images, n_rows=n_rows)
+            spread_over_machines = source is not None and source.spread
+            if prototype_stage == "in-memory" and spread_over_machines:
+                raise ValueError(
+                    "prototype_stage='in-memory' reads every shard on the main process, but the shards are spread "
+                    "over machines (each holds only its own): use prototype_stage='sharded' (or 'auto')."
+                )
             if prototype_stage == "auto" and n_pairs is not None:
-                prototype_stage = "in-memory" if n_pairs <= IN_MEMORY_PAIRS or decoder is SelectDecoder else "sharded"
+                in_memory = (n_pairs <= IN_MEMORY_PAIRS and not spread_over_machines) or decoder is SelectDecoder
+                prototype_stage = "in-memory" if in_memory else "sharded"
             if decoder is SelectDecoder:
                 # select picks real images: distinct ones, read again from the dataset.
                 if pairs is None:

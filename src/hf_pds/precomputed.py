@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .distributed import all_gather, process_share
 from .shards import PairShard, ShardRef
 
 logger = logging.getLogger(__name__)
@@ -72,10 +73,13 @@ class PrecomputedEmbeddings:
         text_dim: width of the text embeddings.
         dtype: dtype of the rows a shard gives (``"float16"`` or ``"float32"``).
         folder: the clip-retrieval folder (None for a dataset's columns): an output must not be inside it.
+        numbers: the number ``i`` of each shard (its files' names); a dataset's shards are numbered 0, 1, ...
+        spread: whether the shards are spread over machines (:func:`spread`): each process holds only some.
         skipped_rows: always empty: no row is left out (a bad row is refused, naming it).
     """
 
     skipped_rows: tuple = ()
+    spread: bool = False
 
     def __init__(
         self,
@@ -88,9 +92,11 @@ class PrecomputedEmbeddings:
         description: dict,
         origin: str,
         folder: Path | None = None,
+        numbers: list[int] | None = None,
     ):
         self.shards = shards
         self.folder = folder
+        self.numbers = list(range(len(shards))) if numbers is None else numbers
         self.image_dim = image_dim
         self.text_dim = text_dim
         self.dtype = dtype
@@ -316,6 +322,7 @@ def open_clip_retrieval(folder: str | os.PathLike, caption_column: str = "captio
         },
         origin=f"the clip-retrieval folder {root}",
         folder=root.resolve(),
+        numbers=numbers,
     )
 
 
@@ -620,3 +627,119 @@ def _dataset_rows(column_dataset, start: int, stop: int, width: int) -> np.ndarr
 
 def _load_dataset_shard(images, texts, start: int, stop: int, image_dim: int, text_dim: int) -> PairShard:
     return PairShard(_dataset_rows(images, start, stop, image_dim), _dataset_rows(texts, start, stop, text_dim))
+
+
+# --- several machines ---
+
+
+class _Process:
+    """The place of one process among ``num_processes`` (for :func:`process_share`)."""
+
+    def __init__(self, index: int, count: int):
+        self.process_index, self.num_processes = index, count
+
+
+def spread(source: PrecomputedEmbeddings, state) -> PrecomputedEmbeddings:
+    """``source`` as the processes of ``state`` see it together, when each machine may hold only the shards its
+    processes read (several machines without a shared file system).
+
+    Every process reports the shards it sees (their numbers and sizes); the shards of all of them, in the order of
+    their numbers, are the source. Process ``p`` reads the contiguous block of them that
+    :func:`~hf_pds.distributed.process_share` gives it, so its machine must hold those: ``ValueError``, on every
+    process alike, naming the first process that lacks one. When every process sees every shard (one machine, or a
+    shared file system) ``source`` comes back as it is. Otherwise the view's shards that this process does not hold
+    raise when loaded, and :meth:`PrecomputedEmbeddings.captions` becomes collective: each process reads the captions
+    of its own shards and the processes exchange them.
+    """
+    if state.num_processes == 1:
+        return source
+    seen = all_gather(
+        [(number, shard.n_pairs) for number, shard in zip(source.numbers, source.shards, strict=True)], state
+    )
+    sizes: dict[int, int] = {}
+    for process, shards in enumerate(seen):
+        for number, n_pairs in shards:
+            if sizes.setdefault(number, n_pairs) != n_pairs:
+                raise ValueError(
+                    f"Shard {number} has {n_pairs} pairs on process {process} but {sizes[number]} on another: the "
+                    "machines hold different files under one name."
+                )
+    numbers = sorted(sizes)
+    for process, shards in enumerate(seen):
+        reads = [numbers[position] for position in process_share(len(numbers), _Process(process, state.num_processes))]
+        missing = sorted(set(reads) - {number for number, _ in shards})
+        if missing:
+            raise ValueError(
+                f"Process {process} of {state.num_processes} reads shards {reads[0]} to {reads[-1]} (each process "
+                f"reads its block of the {len(numbers)} shards, in order), but its machine has no shard {missing[0]} "
+                f"({len(missing)} missing): put those files on that machine."
+            )
+    if all(len(shards) == len(numbers) for shards in seen):
+        return source
+    return _SpreadEmbeddings(source, numbers, sizes, all_gather(source.identity(), state), state)
+
+
+class _SpreadEmbeddings(PrecomputedEmbeddings):
+    """The shards of every machine, of which this process holds some (:func:`spread`)."""
+
+    spread = True
+
+    def __init__(self, local: PrecomputedEmbeddings, numbers: list[int], sizes: dict[int, int], identities, state):
+        held = dict(zip(local.numbers, local.shards, strict=True))
+        shards = [
+            ShardRef(position, sizes[number], sizes[number], f"shard {number}", _elsewhere(number))
+            if number not in held
+            else ShardRef(position, *(getattr(held[number], name) for name in ("n_images", "n_pairs", "name", "load")))
+            for position, number in enumerate(numbers)
+        ]
+        digest = hashlib.sha256(json.dumps(identities, sort_keys=True, default=str).encode()).hexdigest()
+        description = {**local.description(), "pairs": sum(sizes.values()), "shards": len(numbers)}
+        super().__init__(
+            shards,
+            local.image_dim,
+            local.text_dim,
+            local.dtype,
+            local._captions,
+            identity={"kind": "spread", "machines": digest},
+            description=description,
+            origin=local._origin,
+            folder=local.folder,
+            numbers=numbers,
+        )
+        self._local = local
+        self._local_start = dict(
+            zip(local.numbers, np.cumsum([0] + [shard.n_pairs for shard in local.shards])[:-1], strict=True)
+        )
+        self._state = state
+
+    def captions(self, pairs: Sequence[int]) -> list[str]:
+        """The captions of global pairs ``pairs``: each process reads those of its own shards, then the processes
+        exchange them (call it on every process)."""
+        pairs = np.asarray(pairs, dtype=np.int64)
+        shard_of = np.searchsorted(self._starts, pairs, side="right") - 1
+        here = [
+            (position, int(self._local_start[self.numbers[shard]] + pair - self._starts[shard]))
+            for position, (pair, shard) in enumerate(zip(pairs, shard_of, strict=True))
+            if self.numbers[shard] in self._local_start
+        ]
+        texts = self._local.captions([pair for _, pair in here])
+        found: dict[int, str] = {}
+        for part in all_gather(dict(zip((position for position, _ in here), texts, strict=True)), self._state):
+            found.update(part)
+        return [found[position] for position in range(len(pairs))]
+
+    def unit_norm(self) -> bool:
+        """Whether every machine's sample is of unit norm (every process gets the same answer)."""
+        return all(all_gather(self._local.unit_norm(), self._state))
+
+
+def _elsewhere(number: int):
+    """The load of a shard that another machine holds: it raises, naming it."""
+
+    def load() -> PairShard:
+        raise ValueError(
+            f"Shard {number} is on another machine: only the sharded prototype stage reads shards spread over "
+            "machines (prototype_stage='sharded')."
+        )
+
+    return load
