@@ -59,8 +59,9 @@ from .distilled import PDSPipelineOutput, build_distilled_dataset
 from .distributed import barrier, broadcast, gather_dicts, process_state
 from .embedding import ClipTowers, Embeddings, embed
 from .hub import check_output_folder, hf_pds_version
+from .kmeans import resolve_kmeans_backend
 from .pairs import PairTable, check_columns, dataset_identity, read_pairs
-from .prototypes import check_budget, check_prune_ratio, check_seed, extract_prototypes, resolve_kmeans_backend
+from .prototypes import check_budget, check_prune_ratio, check_seed, extract_prototypes
 from .run_state import Checkpoint, RunState, claim_run, open_run
 from .synthesis import Generated, best_candidates, compile_unet, prototype_seed, synthesize
 
