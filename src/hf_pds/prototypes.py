@@ -763,8 +763,8 @@ class _FirstPass:
 
 def _check_shards(layout: _Layout, cosines: bool, show: bool, state) -> tuple[np.ndarray, _FirstPass]:
     """Pass 1: check every shard (see :func:`_check_shard`) and take the cosine keys of this process's pairs
-    (empty without ``cosines``). A bad shard raises
-    the same ``ValueError`` on every process (the first bad shard's), so that none waits for the others."""
+    (empty without ``cosines``). A bad shard raises the same ``ValueError`` on every process (the first bad
+    shard's), so that none waits for the others."""
     keys = np.empty(layout.local_pairs if cosines else 0, dtype=np.int32)
     error, widths, used, largest = None, None, 0, [0.0, 0.0]
     try:
@@ -775,7 +775,7 @@ def _check_shards(layout: _Layout, cosines: bool, show: bool, state) -> tuple[np
             widths = widths or shard_widths
             used += shard_used
             largest = [max(pair) for pair in zip(largest, shard_largest, strict=True)]
-            if cosines:
+            if shard_keys is not None:
                 keys[piece] = shard_keys
     except ValueError as raised:
         error = str(raised)
@@ -843,7 +843,9 @@ def _check_shard(ref: ShardLike, cosines: bool) -> tuple[tuple, int, tuple[float
                 f"image_embeds (valid: 0..{len(image_embeds) - 1}); {int(out_of_range.sum())} entries are out of range."
             )
         used = len(np.unique(caption_image))
-    keys = _sortable(pair_cosine(image_embeds, text_embeds, caption_image)) if cosines else None
+    # Widths that differ refuse pruning after this pass (see _shared_space), with the message of extract_prototypes.
+    shared = image_embeds.shape[1] == text_embeds.shape[1]
+    keys = _sortable(pair_cosine(image_embeds, text_embeds, caption_image)) if cosines and shared else None
     return (name, image_embeds.shape[1], text_embeds.shape[1]), used, largest, keys
 
 
