@@ -607,25 +607,28 @@ def extract_prototypes_sharded(
         else np.sort(np.random.default_rng(seed).choice(n_kept, size=sample_size, replace=False))
     )
     weighted = backend in WEIGHTED_BACKENDS
-    pieces, kept_images = [], 0
+    pieces, images = [], np.zeros(2, dtype=np.int64)  # images with a kept pair, images in the sample
     for ref, piece in _each(layout, "sample", show):
-        part, images = _sample_of_shard(ref, kept[piece], ranks, kept_offsets[ref.index], weighted)
+        part, kept_images = _sample_of_shard(ref, kept[piece], ranks, kept_offsets[ref.index], weighted)
         pieces.append((ref.index, part))
-        kept_images += images
-    _check_kept_images(budget, int(all_reduce_sum(np.array([kept_images], dtype=np.int64), state)[0]))
-    sample = _Sample.join(all_gather(pieces, state), normalize)
-    del pieces
-    if sample.distinct_images < budget:
+        images += (kept_images, part[3])
+    kept_images, sampled_images = all_reduce_sum(images, state).tolist()
+    _check_kept_images(budget, kept_images)
+    if sampled_images < budget:
         raise ValueError(
-            f"budget={budget} is larger than the {sample.distinct_images} distinct images of k-means' sample of "
+            f"budget={budget} is larger than the {sampled_images} distinct images of k-means' sample of "
             f"{sample_size} pairs; raise sample_per_centre ({sample_per_centre}) or lower the budget."
         )
+    gathered = all_gather(pieces, state)
+    del pieces
     centres = None
-    if state.is_main_process:
-        image_centres = kmeans(sample.images, budget, seed, backend, sample.image_weights, **options)[1]
-        text_centres = kmeans(sample.texts, budget, seed, backend, **options)[1]
+    if state.is_main_process:  # one process trains: no thread nondeterminism between processes
+        sample_images, sample_weights, sample_texts = _join_sample(gathered, normalize)
+        del gathered
+        image_centres = kmeans(sample_images, budget, seed, backend, sample_weights, **options)[1]
+        text_centres = kmeans(sample_texts, budget, seed, backend, **options)[1]
         centres = (image_centres, text_centres)
-    del sample
+        del sample_images, sample_texts
     image_centres, text_centres = broadcast(centres, state)
     exponents = (0, 0) if normalize else (scale_exponent(first.image_largest), scale_exponent(first.text_largest))
 
@@ -886,25 +889,17 @@ def _kept_pairs(keys: np.ndarray, layout: _Layout, n_drop: int, state) -> np.nda
     return kept
 
 
-@dataclass
-class _Sample:
-    """k-means' training points, in global pair order: the sampled pairs' images (distinct, weighted by their
-    sampled pairs; or one row per pair, ``image_weights`` None) and texts."""
-
-    images: np.ndarray
-    image_weights: np.ndarray | None
-    texts: np.ndarray
-    distinct_images: int
-
-    @classmethod
-    def join(cls, gathered: list, normalize: bool) -> _Sample:
-        parts = [part for _, part in sorted((piece for process in gathered for piece in process), key=lambda p: p[0])]
-        images = np.concatenate([part[0] for part in parts])
-        texts = np.concatenate([part[2] for part in parts])
-        weights = None if parts[0][1] is None else np.concatenate([part[1] for part in parts])
-        if normalize:
-            images, texts = _l2_normalize(images), _l2_normalize(texts)
-        return cls(images, weights, texts, sum(part[3] for part in parts))
+def _join_sample(gathered: list, normalize: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """k-means' training points from every process's sample parts, in global pair order: the sampled pairs'
+    images (distinct, with their sampled pairs as weights; or one row per pair and no weights) and texts,
+    L2-normalised when ``normalize``."""
+    parts = [part for _, part in sorted((piece for process in gathered for piece in process), key=lambda p: p[0])]
+    images = np.concatenate([part[0] for part in parts])
+    texts = np.concatenate([part[2] for part in parts])
+    weights = None if parts[0][1] is None else np.concatenate([part[1] for part in parts])
+    if normalize:
+        images, texts = _l2_normalize(images), _l2_normalize(texts)
+    return images, weights, texts
 
 
 def _sample_of_shard(
