@@ -228,7 +228,7 @@ def _l2_normalize(embeds: np.ndarray) -> np.ndarray:
 
 def pair_cosine(image_embeds: np.ndarray, text_embeds: np.ndarray, image_rows: np.ndarray | None = None) -> np.ndarray:
     """Row-wise cosine similarity of ``image_embeds[image_rows]`` and ``text_embeds``, in blocks of rows
-    (``image_rows`` None: row ``i`` with row ``i``), computed in float32 whatever the inputs' precision (float16
+    (``image_rows`` None: row ``i`` with row ``i``). Images are taken in float32, texts in at least float32 (float16
     shards are converted a block at a time). Each value depends on its two rows only, not on the blocks."""
     cosine = np.empty(len(text_embeds), dtype=np.float32)
     for start in range(0, len(text_embeds), CHUNK):
@@ -237,9 +237,14 @@ def pair_cosine(image_embeds: np.ndarray, text_embeds: np.ndarray, image_rows: n
         cosine[start:stop] = np.einsum(
             "nd,nd->n",
             _l2_normalize(np.asarray(images, dtype=np.float32)),
-            _l2_normalize(np.asarray(text_embeds[start:stop], dtype=np.float32)),
+            _l2_normalize(_at_least_float32(text_embeds[start:stop])),
         )
     return cosine
+
+
+def _at_least_float32(rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows)
+    return rows.astype(np.result_type(rows.dtype, np.float32), copy=False)
 
 
 def prune_pairs(cosine: np.ndarray, prune_ratio: float) -> np.ndarray:
