@@ -99,17 +99,24 @@ def reference_prototypes(image_embeds, text_embeds, caption_image, budget, prune
     return np.asarray(support)
 
 
-def memory_mapped_shards(image_embeds, text_embeds, caption_image, shard_images: int) -> list:
-    """The embeddings as shards of ``shard_images`` images with all their captions (views, nothing copied)."""
+def memory_mapped_shards(folder: Path, caption_image: np.ndarray, shard_images: int) -> list:
+    """The embeddings in ``folder`` as shards of ``shard_images`` images with all their captions. Each load maps
+    the files afresh and keeps only its rows: once a pass drops the shard, its pages leave the resident set, as
+    a store's shards do."""
     from hf_pds.shards import PairShard, ShardRef
 
+    n_images = len(np.load(folder / "image_embeds.npy", mmap_mode="r"))
     refs = []
-    for index, first in enumerate(range(0, len(image_embeds), shard_images)):
-        last = min(first + shard_images, len(image_embeds))
+    for index, first in enumerate(range(0, n_images, shard_images)):
+        last = min(first + shard_images, n_images)
         start, stop = np.searchsorted(caption_image, [first, last])  # captions are grouped by image, in order
 
         def load(first=first, last=last, start=start, stop=stop):
-            return PairShard(image_embeds[first:last], text_embeds[start:stop], caption_image[start:stop] - first)
+            return PairShard(
+                np.load(folder / "image_embeds.npy", mmap_mode="r")[first:last],
+                np.load(folder / "text_embeds.npy", mmap_mode="r")[start:stop],
+                caption_image[start:stop] - first,
+            )
 
         refs.append(ShardRef(index, last - first, int(stop - start), f"shard-{index}", load))
     return refs
@@ -134,7 +141,8 @@ def _run(folder: str, method: str, budget: int, device: str, queue, shard_images
     elif method == "sharded":
         from hf_pds.prototypes import extract_prototypes_sharded
 
-        shards = memory_mapped_shards(image_embeds, text_embeds, caption_image, shard_images)
+        del image_embeds, text_embeds  # each shard maps the files itself
+        shards = memory_mapped_shards(Path(folder), caption_image, shard_images)
         support = extract_prototypes_sharded(shards, budget, kmeans_backend="faiss").support
     else:
         from hf_pds import extract_prototypes
