@@ -16,6 +16,9 @@ own. The methods:
   torch, on ``--device`` (cpu by default, cuda on a GPU). torch is imported, and the device initialised,
   before the clock starts: a pipeline that embeds with CLIP has both done already. Its import still counts in
   the peak RSS.
+- hf-pds (sharded): ``extract_prototypes_sharded(kmeans_backend="faiss")`` over the same embeddings cut into
+  shards of ``--shard-images`` images (memory-mapped views, with their captions): k-means (faiss) trained on a
+  sample of at most 256 pairs per centre, then passes over the shards.
 
 "matched pairs" is the matched overlap: the number of kept pairs that fall in the intersection of the image
 and text clusters of their prototype (the sum of ``support``). Higher is better.
@@ -23,6 +26,7 @@ and text clusters of their prototype (the sum of ``support``). Higher is better.
     python benchmarks/prototypes.py                                   # Flickr30k shape, budgets 100 500 1000
     python benchmarks/prototypes.py --shapes coco --methods faiss     # COCO shape, one method
     python benchmarks/prototypes.py --methods faiss,torch --device cuda   # torch k-means on a GPU
+    python benchmarks/prototypes.py --shapes flickr30k,coco --methods faiss,sharded --budgets 500,1000
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ import numpy as np
 SHAPES = {"flickr30k": (29_000, 5), "coco": (113_287, 5), "small": (5_000, 5)}  # small: a quick check
 DIM = 768
 IMAGES_PER_CONCEPT = 10
-METHODS = ("reference", "sklearn", "faiss", "torch")
+METHODS = ("reference", "sklearn", "faiss", "torch", "sharded")
+SHARD_IMAGES = 10_000
 
 
 def make_embeddings(n_images: int, captions_per_image: int, folder: Path, seed: int = 0) -> None:
@@ -94,7 +99,30 @@ def reference_prototypes(image_embeds, text_embeds, caption_image, budget, prune
     return np.asarray(support)
 
 
-def _run(folder: str, method: str, budget: int, device: str, queue) -> None:
+def memory_mapped_shards(folder: Path, caption_image: np.ndarray, shard_images: int) -> list:
+    """The embeddings in ``folder`` as shards of ``shard_images`` images with all their captions. Each load maps
+    the files afresh and keeps only its rows: once a pass drops the shard, its pages leave the resident set, as
+    a store's shards do."""
+    from hf_pds.shards import PairShard, ShardRef
+
+    n_images = len(np.load(folder / "image_embeds.npy", mmap_mode="r"))
+    refs = []
+    for index, first in enumerate(range(0, n_images, shard_images)):
+        last = min(first + shard_images, n_images)
+        start, stop = np.searchsorted(caption_image, [first, last])  # captions are grouped by image, in order
+
+        def load(first=first, last=last, start=start, stop=stop):
+            return PairShard(
+                np.load(folder / "image_embeds.npy", mmap_mode="r")[first:last],
+                np.load(folder / "text_embeds.npy", mmap_mode="r")[start:stop],
+                caption_image[start:stop] - first,
+            )
+
+        refs.append(ShardRef(index, last - first, int(stop - start), f"shard-{index}", load))
+    return refs
+
+
+def _run(folder: str, method: str, budget: int, device: str, queue, shard_images: int = SHARD_IMAGES) -> None:
     """One measurement, in a process of its own."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     image_embeds = np.load(Path(folder) / "image_embeds.npy", mmap_mode="r")
@@ -110,6 +138,12 @@ def _run(folder: str, method: str, budget: int, device: str, queue) -> None:
     started = time.perf_counter()
     if method == "reference":
         support = reference_prototypes(image_embeds, text_embeds, caption_image, budget)
+    elif method == "sharded":
+        from hf_pds.prototypes import extract_prototypes_sharded
+
+        del image_embeds, text_embeds  # each shard maps the files itself
+        shards = memory_mapped_shards(Path(folder), caption_image, shard_images)
+        support = extract_prototypes_sharded(shards, budget, kmeans_backend="faiss").support
     else:
         from hf_pds import extract_prototypes
 
@@ -128,10 +162,10 @@ def _run(folder: str, method: str, budget: int, device: str, queue) -> None:
     )
 
 
-def measure(folder: Path, method: str, budget: int, device: str = "cpu") -> dict:
+def measure(folder: Path, method: str, budget: int, device: str = "cpu", shard_images: int = SHARD_IMAGES) -> dict:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_run, args=(str(folder), method, budget, device, queue))
+    process = context.Process(target=_run, args=(str(folder), method, budget, device, queue, shard_images))
     process.start()
     result = queue.get()
     process.join()
@@ -144,6 +178,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="100,500,1000", help="comma-separated budgets")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
     parser.add_argument("--device", default="cpu", help="device of the torch method: cpu (default), cuda, cuda:1")
+    parser.add_argument("--shard-images", type=int, default=SHARD_IMAGES, help="images per shard (sharded method)")
     parser.add_argument("--json", help="also append the results to this JSON-lines file")
     args = parser.parse_args()
     command = "python benchmarks/prototypes.py " + " ".join(sys.argv[1:])
@@ -157,7 +192,7 @@ def main() -> None:
             for budget in (int(value) for value in args.budgets.split(",")):
                 reference_seconds = None
                 for method in args.methods.split(","):
-                    result = measure(Path(folder), method, budget, args.device)
+                    result = measure(Path(folder), method, budget, args.device, args.shard_images)
                     if method == "reference":
                         reference_seconds = result["seconds"]
                     ratio = f"{reference_seconds / result['seconds']:.1f}x" if reference_seconds else "-"

@@ -95,7 +95,8 @@ def run(embeddings: Path, checkpoint: dict, budget: int, stage: str, processes: 
     output = work / f"out-{budget}-{stage}-{processes}"
     command = [
         "distill", "--embeddings", str(embeddings), "--budget", str(budget), "--prototype-stage", stage,
-        "--pipeline", checkpoint["pretrained_model_name_or_path"], "--clip-model", checkpoint["clip_model_name_or_path"],
+        "--pipeline", checkpoint["pretrained_model_name_or_path"],
+        "--clip-model", checkpoint["clip_model_name_or_path"],
         "--num-inference-steps", "1", "--output-size", "32", "--batch-size", "64", "--output", str(output),
         "--no-cache",
     ]  # fmt: skip

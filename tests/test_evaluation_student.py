@@ -224,7 +224,7 @@ def planted_clusters(n_clusters=6, per_cluster=15, dim=10, seed=0):
 
 def test_kmeans_nearest_picks_the_image_nearest_each_centre_one_per_planted_cluster():
     from hf_pds.evaluation.coreset import METHODS, select_coreset
-    from hf_pds.prototypes import kmeans
+    from hf_pds.kmeans import kmeans
 
     points, cluster = planted_clusters()
     with threadpool_limits(1):  # k-means on a few points: threads only wait for each other

@@ -16,7 +16,7 @@ from helpers import REPO
 PACKAGE = REPO / "src" / "hf_pds"
 # What must never be imported by the stages, the outputs, the cache, the run state or the evaluation.
 TOP = {"hf_pds.pipeline_pds", "hf_pds.cli", "hf_pds"}
-LEAVES = {"hf_pds.prototypes", "hf_pds.distributed"}
+LEAVES = {"hf_pds.kmeans", "hf_pds.distributed"}
 
 
 def module_name(path: Path) -> str:
@@ -84,8 +84,12 @@ def test_nothing_below_reaches_up_to_the_pipeline_or_the_cli(graph):
     assert reaching_up == {}
 
 
-def test_the_prototype_engine_and_distributed_import_nothing_of_the_package(graph):
+def test_the_k_means_engines_and_distributed_import_nothing_of_the_package(graph):
     assert {name: sorted(graph[name]) for name in LEAVES} == {name: [] for name in LEAVES}
+
+
+def test_the_prototype_stage_imports_only_the_k_means_engines_and_distributed(graph):
+    assert graph["hf_pds.prototypes"] <= {"hf_pds.kmeans", "hf_pds.distributed"}
 
 
 def test_the_version_has_one_source():

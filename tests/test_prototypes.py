@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from hf_pds import Prototypes, extract_prototypes
-from hf_pds.prototypes import count_table, kmeans, match_clusters, pair_cosine, pairs_after_pruning, prune_pairs
+from hf_pds.kmeans import kmeans
+from hf_pds.prototypes import count_table, match_clusters, pair_cosine, pairs_after_pruning, prune_pairs
 
 DIM = 16
 
@@ -400,7 +401,7 @@ def test_backend_choice_is_checked(monkeypatch):
         extract_prototypes(
             data["image_embeds"], data["text_embeds"], data["caption_image"], budget=5, kmeans_backend="x"
         )
-    import hf_pds.prototypes as module
+    import hf_pds.kmeans as module
 
     assert module.resolve_kmeans_backend("auto") == "faiss"  # installed in the test environment
     monkeypatch.setattr(module, "faiss_available", lambda: False)
@@ -429,7 +430,7 @@ def test_memory_mapped_embeddings_give_the_same_prototypes(tmp_path, backend):
 
 def test_fast_seeding_is_k_means_plus_plus():
     """Each seeding picks distinct points, spread over well-separated groups (one centre per group)."""
-    from hf_pds.prototypes import kmeans_plusplus
+    from hf_pds.kmeans import kmeans_plusplus
 
     rng = np.random.default_rng(0)
     groups = rng.normal(size=(6, 8)) * 50
@@ -479,13 +480,13 @@ def test_torch_k_means_is_faiss_k_means_from_the_same_start():
 
 def test_torch_k_means_in_small_blocks_gives_the_same_clusters(monkeypatch):
     """Distances and sums are computed a block of rows at a time: the block size changes no label."""
-    import hf_pds.prototypes as module
+    import hf_pds.kmeans as module
 
     rng = np.random.default_rng(10)
     points = (rng.normal(size=(9, 6))[rng.integers(0, 9, 1001)] * 3 + rng.normal(size=(1001, 6))).astype(np.float32)
     weights = rng.integers(1, 4, 1001)
     whole = kmeans(points, 9, 0, "torch", weights=weights)
-    monkeypatch.setattr(module, "TORCH_BLOCK_ELEMENTS", 9 * 100)  # blocks of 100 rows, the last one of 1
+    monkeypatch.setattr(module, "DISTANCE_BLOCK_ELEMENTS", 9 * 100)  # blocks of 100 rows, the last one of 1
     monkeypatch.setattr(module, "TORCH_ACCUMULATE_ELEMENTS", 6 * 7)  # sums 7 rows at a time
     blocked = kmeans(points, 9, 0, "torch", weights=weights)
     np.testing.assert_array_equal(blocked[0], whole[0])
@@ -508,7 +509,7 @@ def test_torch_seeding_draws_as_the_numpy_seeding():
     """The torch k-means++ consumes the generator as kmeans_plusplus does: the same centres, weights honoured."""
     import torch
 
-    from hf_pds.prototypes import _torch_kmeans_plusplus, kmeans_plusplus
+    from hf_pds.kmeans import _torch_kmeans_plusplus, kmeans_plusplus
 
     rng = np.random.default_rng(0)
     groups = rng.normal(size=(10, 8)) * 50
@@ -550,7 +551,7 @@ def test_torch_k_means_refills_an_empty_cluster_by_splitting_one():
 def test_torch_backend_and_device_choice_are_checked(monkeypatch):
     import torch
 
-    import hf_pds.prototypes as module
+    import hf_pds.kmeans as module
 
     assert module.resolve_kmeans_backend("auto", device="cuda") == "torch"
     assert module.resolve_kmeans_backend(None, device=torch.device("cuda", 1)) == "torch"

@@ -47,7 +47,7 @@ RENAMED_ARGUMENTS = {"output_dir": "output", "clip_model_name_or_path": "clip_mo
 
 
 def _add_distill_options(distill: argparse.ArgumentParser) -> None:
-    from .prototypes import KMEANS_BACKENDS
+    from .kmeans import KMEANS_BACKENDS
 
     source = distill.add_argument_group("source")
     source.add_argument("--dataset", help="Hub dataset id or local folder (default: the embedded digits demo)")
@@ -355,8 +355,9 @@ def _distill(args: argparse.Namespace) -> Path:
 
     from .distributed import process_state
     from .hub import check_output_folder
+    from .kmeans import resolve_kmeans_backend
     from .pipeline_pds import check_generation_settings, check_pipeline_folder
-    from .prototypes import check_budget, check_prune_ratio, check_seed, resolve_kmeans_backend
+    from .prototypes import check_budget, check_prune_ratio, check_seed
     from .run_state import hold_run
 
     demo = args.dataset is None and args.embeddings is None

@@ -64,6 +64,7 @@ from .distilled import PDSPipelineOutput, build_distilled_dataset
 from .distributed import barrier, broadcast, gather_dicts, process_share, process_state
 from .embedding import ClipTowers, Embeddings, embed
 from .hub import check_output_folder, hf_pds_version
+from .kmeans import resolve_kmeans_backend
 from .pairs import PairTable, check_columns, dataset_identity, read_pairs
 from .precomputed import (
     PrecomputedEmbeddings,
@@ -78,7 +79,6 @@ from .prototypes import (
     check_seed,
     extract_prototypes,
     extract_prototypes_sharded,
-    resolve_kmeans_backend,
 )
 from .run_state import Checkpoint, RunState, claim_run, open_run
 from .shards import load_pairs

@@ -11,36 +11,27 @@ import hashlib
 import json
 import logging
 import os
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from .distributed import SINGLE_PROCESS, all_gather, all_reduce_sum, broadcast
+from .kmeans import (
+    CHUNK,
+    FLOAT32,
+    SAMPLE_PER_CENTRE,
+    WEIGHTED_BACKENDS,
+    block_rows,
+    kmeans,
+    nearest_centres,
+    resolve_kmeans_backend,
+    scale_exponent,
+    torch_device,
+)
 
-# The reference settings of scikit-learn's MiniBatchKMeans (PDS and LoRS code).
-KMEANS_BATCH_SIZE = 10_000
-KMEANS_N_INIT = 20
-# faiss: Lloyd iterations over every point (no subsampling), faiss's default iteration count.
-FAISS_N_ITER = 20
-KMEANS_BACKENDS = ("sklearn", "fast", "faiss", "torch")
-# Backends that take per-point weights: an image is clustered once, weighted by its kept captions.
-WEIGHTED_BACKENDS = ("faiss", "torch")
-# Rows per block where a full [n, d] temporary would be large.
-CHUNK = 65_536
-# torch backend: at most this many entries in one block's [rows, K] float32 distances (64 MiB).
-TORCH_BLOCK_ELEMENTS = 2**24
-# torch backend on a CPU: rows are converted to float64 and summed this many entries at a time (8 MiB), so that
-# the copy stays in cache: converting a whole block is ten times slower, because of fresh pages.
-TORCH_ACCUMULATE_ELEMENTS = 2**20
-# Points whose largest absolute value lies outside this range are rescaled by a power of two before k-means:
-# beyond it, float32 squared norms overflow (or underflow) for real embedding widths.
-SAFE_RANGE = (2.0**-20, 2.0**20)
-# faiss's relative perturbation of the two halves of a split cluster (faiss/Clustering.cpp, split_clusters).
-SPLIT_EPS = 1 / 1024
-# The precision every backend clusters in.
-FLOAT32 = np.finfo(np.float32)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -153,6 +144,13 @@ def check_seed(seed: int) -> int:
 
 def _check_embeddings(name: str, embeds: np.ndarray) -> np.ndarray:
     embeds = np.asarray(embeds)
+    _check_rows(name, embeds)
+    return embeds.astype(np.float32, copy=False)
+
+
+def _check_rows(name: str, embeds: np.ndarray) -> float:
+    """Raise unless ``embeds`` is a non-empty numeric ``[rows, dim]`` matrix whose rows are finite and fit
+    float32; the message names ``name`` and the first bad rows. Returns the largest absolute value."""
     if embeds.ndim != 2:
         raise ValueError(f"{name} must be a 2-d array [rows, dim], got shape {embeds.shape}.")
     if embeds.shape[0] == 0 or embeds.shape[1] == 0:
@@ -160,15 +158,19 @@ def _check_embeddings(name: str, embeds: np.ndarray) -> np.ndarray:
     if not np.issubdtype(embeds.dtype, np.number):
         raise ValueError(f"{name} must be numeric, got dtype {embeds.dtype}.")
     # In chunks: a memory-mapped matrix is read, not materialised.
-    finite = np.concatenate(
-        [np.isfinite(embeds[start : start + CHUNK]).all(axis=1) for start in range(0, len(embeds), CHUNK)]
-    )
+    finite, largest = [], 0.0
+    for start in range(0, len(embeds), CHUNK):
+        block = embeds[start : start + CHUNK]
+        finite.append(np.isfinite(block).all(axis=1))
+        if finite[-1].all():
+            largest = max(largest, float(max(block.max(), -block.min())))
+    finite = np.concatenate(finite)
     if not finite.all():
         rows = np.flatnonzero(~finite)
         raise ValueError(f"{name} has NaN or inf values in {len(rows)} row(s), first rows: {rows[:5].tolist()}.")
     if np.issubdtype(embeds.dtype, np.floating) and np.finfo(embeds.dtype).max > FLOAT32.max:
         _check_float32_range(name, embeds)
-    return embeds.astype(np.float32, copy=False)
+    return largest
 
 
 def _check_float32_range(name: str, embeds: np.ndarray) -> None:
@@ -226,14 +228,23 @@ def _l2_normalize(embeds: np.ndarray) -> np.ndarray:
 
 def pair_cosine(image_embeds: np.ndarray, text_embeds: np.ndarray, image_rows: np.ndarray | None = None) -> np.ndarray:
     """Row-wise cosine similarity of ``image_embeds[image_rows]`` and ``text_embeds``, in blocks of rows
-    (``image_rows`` None: row ``i`` with row ``i``)."""
-    image_unit = _l2_normalize(np.asarray(image_embeds, dtype=np.float32))
+    (``image_rows`` None: row ``i`` with row ``i``). Images are taken in float32, texts in at least float32 (float16
+    shards are converted a block at a time). Each value depends on its two rows only, not on the blocks."""
     cosine = np.empty(len(text_embeds), dtype=np.float32)
     for start in range(0, len(text_embeds), CHUNK):
         stop = start + CHUNK
-        images = image_unit[start:stop] if image_rows is None else image_unit[image_rows[start:stop]]
-        cosine[start:stop] = np.einsum("nd,nd->n", images, _l2_normalize(text_embeds[start:stop]))
+        images = image_embeds[start:stop] if image_rows is None else image_embeds[image_rows[start:stop]]
+        cosine[start:stop] = np.einsum(
+            "nd,nd->n",
+            _l2_normalize(np.asarray(images, dtype=np.float32)),
+            _l2_normalize(_at_least_float32(text_embeds[start:stop])),
+        )
     return cosine
+
+
+def _at_least_float32(rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows)
+    return rows.astype(np.result_type(rows.dtype, np.float32), copy=False)
 
 
 def prune_pairs(cosine: np.ndarray, prune_ratio: float) -> np.ndarray:
@@ -246,396 +257,10 @@ def prune_pairs(cosine: np.ndarray, prune_ratio: float) -> np.ndarray:
     return np.sort(order[n_drop:])
 
 
-def faiss_available() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def check_device(device):
-    """``device`` as a ``torch.device`` (None stays None); ``ValueError`` naming it when it is not a device.
-
-    Accepts None, a string such as ``"cpu"``, ``"cuda"`` or ``"cuda:1"``, or a ``torch.device``. torch is
-    imported only when a device is given. Whether the device is present is checked later, by
-    :func:`torch_device`, when the torch backend is about to use it."""
-    if device is None:
-        return None
-    try:
-        import torch
-    except ImportError as error:
-        raise ImportError(f"device={device!r} needs torch: pip install torch.") from error
-    expected = "device must be None, a device string such as 'cpu' or 'cuda:0', or a torch.device"
-    if isinstance(device, torch.device):
-        return device
-    if not isinstance(device, str):
-        raise ValueError(f"{expected}; got {device!r} ({type(device).__name__}).")
-    try:
-        return torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"{expected}; got {device!r}: {error}") from None
-
-
-def torch_device(device=None):
-    """The ``torch.device`` the torch backend runs on (None: the CPU), after checking that torch can put a
-    tensor there; ``ValueError`` naming the device otherwise (e.g. ``"cuda"`` on a machine without CUDA)."""
-    import torch
-
-    device = check_device(device) or torch.device("cpu")
-    try:
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError) as error:
-        raise ValueError(f"device={str(device)!r} cannot be used by the torch k-means backend: {error}") from None
-    return device
-
-
-def resolve_kmeans_backend(backend: str | None = None, device=None) -> str:
-    """``sklearn``, ``fast``, ``faiss`` or ``torch``; None / ``"auto"``: ``torch`` when ``device`` is a CUDA
-    device (``"cuda"``, ``"cuda:1"``, ``torch.device("cuda")``), else ``faiss`` when it is installed, else
-    ``fast`` (docs/performance.md has the measurements behind this order).
-
-    ``device`` (None, a string or a ``torch.device``) is checked here: ``ValueError`` when it names no device.
-    Only the torch backend runs on it."""
-    device = check_device(device)
-    if backend in (None, "auto"):
-        if device is not None and device.type == "cuda":
-            return "torch"
-        return "faiss" if faiss_available() else "fast"
-    if backend not in KMEANS_BACKENDS:
-        raise ValueError(f"kmeans_backend must be one of {KMEANS_BACKENDS} or 'auto', got {backend!r}.")
-    if backend == "faiss" and not faiss_available():
-        raise ImportError("kmeans_backend='faiss' needs faiss: pip install 'hf-pds[faiss]' (faiss-cpu or faiss-gpu).")
-    if backend == "torch" and not torch_available():
-        raise ImportError("kmeans_backend='torch' needs torch: pip install torch.")
-    return backend
-
-
-def kmeans_plusplus(
-    points: np.ndarray, n_clusters: int, rng: np.random.Generator, weights: np.ndarray | None = None
-) -> np.ndarray:
-    """Greedy k-means++ seeding (``2 + log k`` candidates per centre, the best kept), as scikit-learn's,
-    with the distances of each round computed as one matrix product. A point of weight w counts as w
-    points."""
-    n = len(points)
-    weights = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
-    squared = np.einsum("nd,nd->n", points, points)
-    first = int(np.searchsorted(np.cumsum(weights), rng.random() * weights.sum()))
-    closest = np.maximum(squared + squared[first] - 2.0 * (points @ points[first]), 0.0)
-    potential = float(weights @ closest)
-    trials = 2 + int(np.log(n_clusters))
-    chosen = [min(first, n - 1)]
-    for _ in range(1, n_clusters):
-        draws = rng.random(trials) * potential
-        candidates = np.minimum(np.searchsorted(np.cumsum(weights * closest), draws), n - 1)
-        distances = squared[candidates, None] + squared[None, :] - 2.0 * (points[candidates] @ points.T)
-        candidate_closest = np.minimum(closest[None, :], np.maximum(distances, 0.0))
-        potentials = candidate_closest @ weights
-        best = int(np.argmin(potentials))
-        chosen.append(int(candidates[best]))
-        closest, potential = candidate_closest[best], float(potentials[best])
-    return points[chosen]
-
-
-def _inertia(points: np.ndarray, centres: np.ndarray) -> float:
-    distances = (
-        np.einsum("nd,nd->n", points, points)[:, None]
-        + np.einsum("kd,kd->k", centres, centres)[None, :]
-        - 2.0 * (points @ centres.T)
-    )
-    return float(np.maximum(distances.min(axis=1), 0.0).sum())
-
-
-def _scale_exponent(points: np.ndarray) -> int:
-    """0 when the largest absolute value of ``points`` lies in ``SAFE_RANGE`` (or is 0); otherwise the power
-    of two ``e`` such that ``points / 2**e`` has its largest absolute value in [0.5, 1)."""
-    largest = max(
-        (float(np.abs(points[start : start + CHUNK]).max()) for start in range(0, len(points), CHUNK)), default=0.0
-    )
-    if largest == 0.0 or SAFE_RANGE[0] <= largest <= SAFE_RANGE[1]:
-        return 0
-    return int(np.frexp(largest)[1])
-
-
-def kmeans(
-    points: np.ndarray,
-    n_clusters: int,
-    seed: int,
-    backend: str = "sklearn",
-    weights: np.ndarray | None = None,
-    *,
-    device=None,
-    init: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster ``points``; returns (labels, centres).
-
-    - ``sklearn``: the reference's ``MiniBatchKMeans(batch_size=10000, n_init=20)``, called as it is.
-    - ``fast``: the same algorithm, seeded faster. Like MiniBatchKMeans, it draws ``n_init=20`` k-means++
-      seedings, each from a random sample of 30000 points, and keeps the one with the lowest inertia on a
-      validation sample. It then runs scikit-learn's mini-batch updates from that seeding. Only the seeding
-      is hf-pds's own: one matrix product per round instead of scikit-learn's loops.
-    - ``faiss``: a k-means++ seeding on a sample, then ``FAISS_N_ITER`` Lloyd iterations over every point.
-      Optional per-point ``weights`` let an image weigh its number of pairs without repeating its row.
-    - ``torch``: the faiss algorithm written with torch, on ``device`` (None: the CPU; ``"cuda"`` on a GPU).
-      See :func:`_torch_kmeans`.
-
-    ``weights`` (faiss and torch): a point of weight w counts as w points, in the seeding and in the centre
-    means. ``init`` (faiss and torch): ``[n_clusters, d]`` initial centres instead of the k-means++ seeding.
-    ``device`` is used by the torch backend only.
-
-    Points whose largest absolute value lies outside ``SAFE_RANGE`` (2**-20 to 2**20) are divided by a power
-    of two that brings it to about 1, and the centres are multiplied back: the scaling is exact in floating
-    point, so the clustering is the one of the unscaled points, but float32 squared norms of values around
-    1e30 no longer overflow (unscaled, faiss aborted the interpreter on them, and the sklearn and fast backends
-    put every point in one cluster).
-    """
-    if weights is not None and backend not in WEIGHTED_BACKENDS:
-        raise ValueError(f"The {backend} backend clusters repeated rows, not weighted ones.")
-    if init is not None and backend not in WEIGHTED_BACKENDS:
-        raise ValueError(f"init: the {backend} backend draws its own initial centres; only faiss and torch take init.")
-    points = np.asarray(points)
-    if weights is not None:
-        weights = np.asarray(weights, dtype=np.float64)
-        if weights.shape != (len(points),) or not np.isfinite(weights).all() or (weights < 0).any():
-            raise ValueError(
-                f"weights must hold one finite, non-negative weight per point ({len(points)}), "
-                f"got shape {weights.shape}."
-            )
-        if not weights.sum() > 0:
-            raise ValueError("weights are all zero: at least one point must weigh something.")
-    if init is not None:
-        init = np.asarray(init, dtype=np.float32)
-        if init.shape != (n_clusters, points.shape[1]):
-            raise ValueError(f"init must have shape {(n_clusters, points.shape[1])}, got {init.shape}.")
-    exponent = _scale_exponent(points)
-    if exponent:
-        points = np.ldexp(np.asarray(points, dtype=np.result_type(points.dtype, np.float32)), -exponent)
-        init = None if init is None else np.ldexp(init, -exponent)
-    labels, centres = _kmeans(points, n_clusters, seed, backend, weights, device, init)
-    return labels, (np.ldexp(centres, exponent) if exponent else centres)
-
-
-def _kmeans(
-    points: np.ndarray,
-    n_clusters: int,
-    seed: int,
-    backend: str,
-    weights: np.ndarray | None,
-    device,
-    init: np.ndarray | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.cluster import MiniBatchKMeans
-
-    if backend == "sklearn":
-        model = MiniBatchKMeans(
-            n_clusters=n_clusters, batch_size=KMEANS_BATCH_SIZE, n_init=KMEANS_N_INIT, random_state=seed
-        )
-        labels = model.fit_predict(points)
-        return labels.astype(np.int64), model.cluster_centers_.astype(np.float32)
-    points = np.ascontiguousarray(points, dtype=np.float32)
-    rng = np.random.default_rng(seed)
-    sample_size = min(len(points), max(3 * KMEANS_BATCH_SIZE, 3 * n_clusters))
-    if backend == "fast":
-        validation = points[rng.integers(0, len(points), sample_size)]
-        seedings = (
-            kmeans_plusplus(points[rng.integers(0, len(points), sample_size)], n_clusters, rng)
-            for _ in range(KMEANS_N_INIT)
-        )
-        initial = min(seedings, key=lambda centres: _inertia(validation, centres))
-        model = MiniBatchKMeans(
-            n_clusters=n_clusters, init=initial, n_init=1, batch_size=KMEANS_BATCH_SIZE, random_state=seed
-        )
-        labels = model.fit_predict(points)
-        return labels.astype(np.int64), model.cluster_centers_.astype(np.float32)
-    if backend == "torch":
-        return _torch_kmeans(points, n_clusters, rng, sample_size, weights, device, init)
-    import faiss
-
-    weights = None if weights is None else np.ascontiguousarray(weights, dtype=np.float32)
-    if init is None:
-        sample = np.sort(rng.choice(len(points), size=sample_size, replace=False))
-        init = kmeans_plusplus(points[sample], n_clusters, rng, None if weights is None else weights[sample])
-    model = faiss.Kmeans(
-        points.shape[1],
-        n_clusters,
-        niter=FAISS_N_ITER,
-        seed=int(seed) % 2**31,
-        max_points_per_centroid=len(points) + 1,  # use every point: no subsampling
-        min_points_per_centroid=1,
-        verbose=False,
-    )
-    model.train(points, weights=weights, init_centroids=np.ascontiguousarray(init, dtype=np.float32))
-    _, labels = model.index.search(points, 1)
-    return labels[:, 0].astype(np.int64), model.centroids.astype(np.float32)
-
-
-def _torch_kmeans(
-    points: np.ndarray,
-    n_clusters: int,
-    rng: np.random.Generator,
-    sample_size: int,
-    weights: np.ndarray | None,
-    device,
-    init: np.ndarray | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The faiss backend's k-means with torch, on ``device``: same seeding, same iterations, same weights.
-
-    1. Seeding (unless ``init`` is given): the faiss backend's random sample of ``sample_size`` points (the
-       same rows for the same seed), then greedy k-means++ on it (:func:`_torch_kmeans_plusplus`, which
-       consumes ``rng`` as :func:`kmeans_plusplus` does), weights honoured.
-    2. ``FAISS_N_ITER`` Lloyd iterations over every point: assign each point to its nearest centre, then move
-       each centre to the weighted mean of its points. A final assignment gives the labels, as the faiss
-       backend's search after training. Like faiss (which stops once the objective no longer decreases), it
-       stops early at a fixed point: when an iteration leaves every label as the previous one did (and no
-       cluster was empty), further iterations would change nothing.
-    3. Empty clusters, as faiss (``split_clusters`` in faiss/Clustering.cpp): the empty cluster takes a copy
-       of a non-empty cluster's centre, drawn with probability proportional to its weight minus one (the
-       heaviest cluster when none weighs more than one), and the two copies are pushed apart by a relative
-       ``SPLIT_EPS`` (+ on even dimensions, - on odd ones, and the reverse); the drawn cluster's weight is
-       then shared between the two. faiss draws with its own fixed-seed generator; here ``rng`` draws.
-
-    Distances are ``||c||^2 - 2 x.c`` (``||x||^2`` changes no argmin), one matrix product per block of rows,
-    in float32: at most ``TORCH_BLOCK_ELEMENTS`` entries of the ``[rows, K]`` distance block exist at once,
-    never the whole ``[n, K]`` matrix. Centre sums and weights are accumulated with ``index_add_`` in
-    float64 (float32 on MPS, which has no float64): a cluster can gather hundreds of thousands of weighted
-    rows, whose float32 running sum would lose several bits, and float64 sums rounded once to float32 centres
-    do not depend, in practice, on the order in which CUDA's atomic additions land. On a CPU the rows are
-    converted to float64 ``TORCH_ACCUMULATE_ELEMENTS`` entries at a time, which keeps this as fast as a
-    float32 sum.
-
-    Deterministic for a given ``rng`` seed on one device (the CPU: bit for bit; CUDA: up to that summation
-    order). Results differ slightly between devices, and from faiss, by rounding.
-    """
-    import torch
-
-    device = torch_device(device)
-    accumulate = torch.float32 if device.type == "mps" else torch.float64
-    n, dim = points.shape
-    if not 1 <= n_clusters <= n:
-        raise ValueError(f"n_clusters={n_clusters} must be between 1 and the number of points ({n}).")
-    with warnings.catch_warnings():
-        # Read-only arrays (memory maps) are never written through this tensor.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        x = torch.from_numpy(points).to(device)
-    if weights is None:
-        w = torch.ones(n, dtype=accumulate, device=device)
-    else:
-        w = torch.from_numpy(np.asarray(weights, dtype=np.float64)).to(device=device, dtype=accumulate)
-    if init is None:
-        sample = torch.from_numpy(np.sort(rng.choice(n, size=sample_size, replace=False))).to(device)
-        centres = _torch_kmeans_plusplus(x.index_select(0, sample), w.index_select(0, sample), n_clusters, rng)
-    else:
-        centres = torch.from_numpy(np.array(init, dtype=np.float32)).to(device)
-    rows = max(1, min(CHUNK, TORCH_BLOCK_ELEMENTS // n_clusters))
-    step = rows if device.type == "cuda" else max(1, TORCH_ACCUMULATE_ELEMENTS // dim)
-    sign = torch.ones(dim, dtype=torch.float32, device=device)
-    sign[1::2] = -1.0
-    labels, previous = torch.empty(n, dtype=torch.int64, device=device), None
-    for _ in range(FAISS_N_ITER):
-        centre_squared = (centres * centres).sum(dim=1)
-        sums = torch.zeros((n_clusters, dim), dtype=accumulate, device=device)
-        mass = torch.zeros(n_clusters, dtype=accumulate, device=device)
-        for start in range(0, n, rows):
-            stop = min(start + rows, n)
-            labels[start:stop] = _nearest_centre(x[start:stop], centres, centre_squared)
-            for part in range(start, stop, step):
-                part_stop = min(part + step, stop)
-                part_labels, part_weights = labels[part:part_stop], w[part:part_stop]
-                mass.index_add_(0, part_labels, part_weights)
-                source = x[part:part_stop].to(accumulate)
-                sums.index_add_(0, part_labels, source if weights is None else source * part_weights[:, None])
-        filled = mass > 0
-        means = (sums / mass.clamp(min=np.finfo(np.float32).tiny)[:, None]).to(torch.float32)
-        centres = torch.where(filled[:, None], means, centres)
-        if not bool(filled.all()):
-            centres = _split_empty_clusters(centres, mass.cpu().numpy(), sign, rng)
-        elif previous is not None and torch.equal(labels, previous):
-            # A fixed point: the same members give the same centres, and they the same labels.
-            return labels.cpu().numpy().astype(np.int64), centres.cpu().numpy().astype(np.float32)
-        previous = labels.clone()
-    centre_squared = (centres * centres).sum(dim=1)
-    labels = torch.cat(
-        [_nearest_centre(x[start : start + rows], centres, centre_squared) for start in range(0, n, rows)]
-    )
-    return labels.cpu().numpy().astype(np.int64), centres.cpu().numpy().astype(np.float32)
-
-
-def _nearest_centre(block, centres, centre_squared):
-    """Row of the nearest centre of each row of ``block``: argmin of ``||c||^2 - 2 x.c`` (one matrix product)."""
-    import torch
-
-    return torch.addmm(centre_squared, block, centres.T, alpha=-2.0).argmin(dim=1)
-
-
-def _split_empty_clusters(centres, mass: np.ndarray, sign, rng: np.random.Generator):
-    """faiss's handling of empty clusters (see :func:`_torch_kmeans`): each empty one takes a slightly
-    perturbed copy of a drawn non-empty cluster's centre."""
-    centres = centres.clone()
-    mass = np.asarray(mass, dtype=np.float64).copy()
-    for empty in np.flatnonzero(mass == 0):
-        spare = np.maximum(mass - 1.0, 0.0)
-        split = int(rng.choice(len(mass), p=spare / spare.sum())) if spare.sum() > 0 else int(np.argmax(mass))
-        centre = centres[split].clone()
-        centres[empty] = centre * (1.0 + SPLIT_EPS * sign)
-        centres[split] = centre * (1.0 - SPLIT_EPS * sign)
-        mass[empty] = mass[split] / 2
-        mass[split] -= mass[empty]
-    return centres
-
-
-def _torch_kmeans_plusplus(points, weights, n_clusters: int, rng: np.random.Generator):
-    """:func:`kmeans_plusplus` on ``points`` (a torch tensor) where they lie: greedy k-means++ with
-    ``2 + log k`` candidates per centre, a point of weight w counting as w points. It consumes ``rng`` as
-    :func:`kmeans_plusplus` does (one draw, then ``2 + log k`` per centre), so that the same seed draws the
-    same numbers; the centres picked are the same but for near-ties, which rounding can settle differently.
-    Every intermediate stays on the device (no transfer to the host per centre)."""
-    import torch
-
-    m = len(points)
-    dtype = weights.dtype
-    squared = (points * points).sum(dim=1)
-    trials = 2 + int(np.log(n_clusters))
-    first_draw = rng.random()
-    draws = torch.from_numpy(rng.random((n_clusters - 1, trials))).to(device=points.device, dtype=dtype)
-    total = weights.sum()
-    first = torch.searchsorted(torch.cumsum(weights, dim=0), (total * first_draw).view(1)).clamp_(max=m - 1)
-    closest = (
-        squared + squared.index_select(0, first) - 2.0 * (points @ points.index_select(0, first).T)[:, 0]
-    ).clamp_(min=0.0)
-    potential = weights @ closest.to(dtype)
-    chosen = [first]
-    for round_draws in draws:
-        candidates = torch.searchsorted(
-            torch.cumsum(weights * closest.to(dtype), dim=0), round_draws * potential
-        ).clamp_(max=m - 1)
-        distances = torch.addmm(
-            squared.index_select(0, candidates)[:, None] + squared[None, :],
-            points.index_select(0, candidates),
-            points.T,
-            alpha=-2.0,
-        )
-        candidate_closest = torch.minimum(closest[None, :], distances.clamp_(min=0.0))
-        potentials = candidate_closest.to(dtype) @ weights
-        best = potentials.argmin().view(1)
-        chosen.append(candidates.index_select(0, best))
-        closest = candidate_closest.index_select(0, best)[0]
-        potential = potentials.index_select(0, best)[0]
-    return points.index_select(0, torch.cat(chosen))
-
-
 def count_table(image_labels: np.ndarray, text_labels: np.ndarray, n_clusters: int) -> np.ndarray:
     """``C[i, j]`` = number of pairs in image cluster ``i`` and text cluster ``j``."""
-    table = np.zeros((n_clusters, n_clusters), dtype=np.int64)
-    np.add.at(table, (image_labels, text_labels), 1)
-    return table
+    cells = np.asarray(image_labels, dtype=np.int64) * n_clusters + np.asarray(text_labels, dtype=np.int64)
+    return np.bincount(cells, minlength=n_clusters * n_clusters).reshape(n_clusters, n_clusters)
 
 
 def match_clusters(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -657,26 +282,70 @@ def cluster_means(
         (np.ones(len(labels), dtype=np.float64), (labels, rows)), shape=(n_clusters, len(points))
     )
     sums = members @ np.asarray(points, dtype=np.float64)
-    counts = np.bincount(labels, minlength=n_clusters)
-    means = fallback.astype(np.float64, copy=True)
-    filled = counts > 0
-    means[filled] = sums[filled] / counts[filled, None]
-    return means.astype(np.float32)
+    return _means(sums, np.bincount(labels, minlength=n_clusters), fallback)
 
 
 def nearest_by_cosine(queries: np.ndarray, candidates: np.ndarray, chunk_size: int = 65_536) -> np.ndarray:
-    """For each query row, the index of the candidate row with the highest cosine similarity."""
-    queries = _l2_normalize(queries)
-    best_index = np.zeros(len(queries), dtype=np.int64)
-    best_score = np.full(len(queries), -np.inf, dtype=np.float32)
+    """For each query row, the index of the candidate row with the highest cosine similarity (ties: the lowest
+    index)."""
+    return _best_by_cosine(_l2_normalize(queries), candidates, chunk_size)[0]
+
+
+def _best_by_cosine(unit_queries: np.ndarray, candidates: np.ndarray, chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(index, cosine) of the best candidate row of each unit query row, read ``chunk_size`` rows at a time (in
+    float32); ties go to the lowest index."""
+    best_index = np.zeros(len(unit_queries), dtype=np.int64)
+    best_score = np.full(len(unit_queries), -np.inf, dtype=np.float32)
     for start in range(0, len(candidates), chunk_size):
-        scores = queries @ _l2_normalize(candidates[start : start + chunk_size]).T
+        chunk = np.asarray(candidates[start : start + chunk_size], dtype=np.float32)
+        scores = unit_queries @ _l2_normalize(chunk).T
         chunk_best = scores.argmax(axis=1)
-        chunk_score = scores[np.arange(len(queries)), chunk_best]
+        chunk_score = scores[np.arange(len(unit_queries)), chunk_best]
         better = chunk_score > best_score
         best_index[better] = chunk_best[better] + start
         best_score[better] = chunk_score[better]
-    return best_index
+    return best_index, best_score
+
+
+def _shared_space(image_dim: int, text_dim: int, prune_ratio: float) -> bool:
+    """Whether image and text embeddings share one space (equal widths); ``ValueError`` when they do not and
+    pruning, which compares them, is asked for."""
+    if image_dim != text_dim and prune_ratio > 0:
+        raise ValueError(
+            f"image_embeds and text_embeds have widths {image_dim} and {text_dim}: "
+            "pruning compares images with captions, so it needs one shared embedding space. "
+            "Use one CLIP model for both, or prune_ratio=0 for encoders of different spaces."
+        )
+    return image_dim == text_dim
+
+
+def _check_kept_images(budget: int, n_kept_images: int) -> None:
+    if budget > n_kept_images:
+        raise ValueError(
+            f"budget={budget} is larger than the {n_kept_images} distinct images left after pruning; k-means cannot "
+            "make more image clusters than there are distinct images: lower the budget or the prune_ratio."
+        )
+
+
+def _order(
+    image_prototypes: np.ndarray, text_prototypes: np.ndarray, support: np.ndarray, shared_space: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(order, sorted similarity) of the prototypes: by image-text cosine, highest first; encoders of two spaces
+    have no such cosine, so by support, and the similarity is empty. Warns when prototypes fell back to the
+    k-means centres."""
+    fallbacks = int((support == 0).sum())
+    if fallbacks:
+        logger.warning(
+            "%d of %d prototypes fell back to the k-means centres: no kept pair lies in both of their matched "
+            "clusters. Many identical images or captions do this; such prototypes represent no real pair.",
+            fallbacks,
+            len(support),
+        )
+    if not shared_space:
+        return np.argsort(-support, kind="stable"), np.empty(0, dtype=np.float32)
+    similarity = pair_cosine(image_prototypes, text_prototypes)
+    order = np.argsort(-similarity, kind="stable")
+    return order, similarity[order]
 
 
 def extract_prototypes(
@@ -741,13 +410,7 @@ def extract_prototypes(
             f"caption_image[{row}] = {int(caption_image[row])} is not a row of image_embeds "
             f"(valid: 0..{len(image_embeds) - 1}); {int(out_of_range.sum())} entries are out of range."
         )
-    shared_space = image_embeds.shape[1] == text_embeds.shape[1]
-    if not shared_space and prune_ratio > 0:
-        raise ValueError(
-            f"image_embeds and text_embeds have widths {image_embeds.shape[1]} and {text_embeds.shape[1]}: "
-            "pruning compares images with captions, so it needs one shared embedding space. "
-            "Use one CLIP model for both, or prune_ratio=0 for encoders of different spaces."
-        )
+    shared_space = _shared_space(image_embeds.shape[1], text_embeds.shape[1], prune_ratio)
     n_pairs = len(text_embeds)
     used_images = np.unique(caption_image)
     image_identity = _identical_rows(image_embeds, used_images)
@@ -766,12 +429,7 @@ def extract_prototypes(
         kept = np.arange(n_pairs)
     kept_images = caption_image[kept]
     distinct_images, image_of_pair, pairs_per_image = np.unique(kept_images, return_inverse=True, return_counts=True)
-    n_kept = len(np.unique(image_identity[np.searchsorted(used_images, distinct_images)]))
-    if budget > n_kept:
-        raise ValueError(
-            f"budget={budget} is larger than the {n_kept} distinct images left after pruning; k-means cannot make "
-            "more image clusters than there are distinct images: lower the budget or the prune_ratio."
-        )
+    _check_kept_images(budget, len(np.unique(image_identity[np.searchsorted(used_images, distinct_images)])))
 
     # 3. Cluster each modality over the kept pairs.
     if backend not in WEIGHTED_BACKENDS:
@@ -820,21 +478,7 @@ def extract_prototypes(
         raw_texts[in_prototype], prototype_of_pair[in_prototype], budget, text_centres[text_cluster]
     )
     support = table[image_cluster, text_cluster]
-    fallbacks = int((support == 0).sum())
-    if fallbacks:
-        logger.warning(
-            "%d of %d prototypes fell back to the k-means centres: no kept pair lies in both of their matched "
-            "clusters. Many identical images or captions do this; such prototypes represent no real pair.",
-            fallbacks,
-            budget,
-        )
-    if shared_space:
-        similarity = pair_cosine(image_prototypes, text_prototypes)
-        order = np.argsort(-similarity, kind="stable")
-    else:
-        # Encoders of two spaces have no image-text cosine: order by support, leave similarity empty.
-        similarity = np.empty(0, dtype=np.float32)
-        order = np.argsort(-support, kind="stable")
+    order, similarity = _order(image_prototypes, text_prototypes, support, shared_space)
 
     # 6. Caption of each text prototype: the closest training caption (all captions, pruned or not).
     caption_index = nearest_by_cosine(text_prototypes[order], text_embeds)
@@ -846,7 +490,7 @@ def extract_prototypes(
         image_cluster=image_cluster[order].astype(np.int64),
         text_cluster=text_cluster[order].astype(np.int64),
         support=support[order].astype(np.int64),
-        similarity=similarity[order] if shared_space else similarity,
+        similarity=similarity,
         n_pairs=n_pairs,
         n_pruned=n_pairs - len(kept),
         settings={
@@ -857,3 +501,551 @@ def extract_prototypes(
             "kmeans_backend": backend,
         },
     )
+
+
+class ShardLike(Protocol):
+    """What :func:`extract_prototypes_sharded` reads of a shard (:class:`hf_pds.shards.ShardRef` is one):
+    ``load()`` gives an object with ``image_embeds`` ``[n_images, d]``, ``text_embeds`` ``[n_pairs, d_text]``
+    and ``caption_image`` ``[n_pairs]`` (None: pair ``i`` is image ``i``)."""
+
+    index: int
+    n_images: int
+    n_pairs: int
+    name: str
+
+    def load(self): ...
+
+
+# Float64 sums are accumulated this many entries of a block at a time (32 MiB).
+SUM_BLOCK_ELEMENTS = 2**22
+
+
+def extract_prototypes_sharded(
+    shards: Sequence[ShardLike],
+    budget: int,
+    prune_ratio: float = 0.2,
+    normalize: bool = False,
+    seed: int = 42,
+    kmeans_backend: str | None = "auto",
+    device=None,
+    *,
+    sample_per_centre: int = SAMPLE_PER_CENTRE,
+    state=SINGLE_PROCESS,
+    progress: bool = False,
+) -> Prototypes:
+    """:func:`extract_prototypes` in passes over shards, in memory O(K·d + one shard + a few bytes per pair), on
+    one process or several.
+
+    ``shards`` are this process's shards; every process of ``state`` calls this with its own (together: every
+    shard once; no shared file system is needed) and gets the same :class:`Prototypes`. Pairs are numbered
+    globally shard after shard in ``index`` order (``caption_index`` is such a number). Each pass loads a shard,
+    uses it and drops it before the next: only per-pair labels (and, until pruning, cosines) are kept.
+
+    1. Check every shard (widths, finite rows named by shard and row, ``caption_image`` in range) and take the
+       pair cosines. Pruning keeps exactly :func:`prune_pairs`'s set (the ``int(n_pairs * prune_ratio)`` lowest
+       cosines dropped, ties by global position): a bisection over the float32 order finds the threshold, with
+       only counts crossing processes, and ties at it are dropped by global position.
+    2. Train the K centres of each modality with :func:`~hf_pds.kmeans.kmeans` on a seeded sample of
+       ``min(kept pairs, sample_per_centre * budget)`` kept pairs, drawn by global kept rank (the same sample
+       on any number of processes) and gathered in global order: their texts, and their images, each
+       distinct image once weighted by its sampled pairs (the faiss and torch backends) or repeated per pair
+       (sklearn, fast). The main process trains and broadcasts the centres. The default cap, 256 points per
+       centre, is faiss's own (``max_points_per_centroid``); when the sample holds every kept pair, k-means sees
+       exactly what :func:`extract_prototypes` gives it.
+    3. Assign every kept image and text row to its nearest centre (one float32 matrix product per block); the
+       K x K count table is summed over processes, then matched.
+    4. Raw means over each matched intersection: float64 sums and counts, summed over processes; an empty
+       intersection falls back to the centres, as in :func:`extract_prototypes`.
+    5. The caption of each text prototype: the nearest by cosine among all pairs (pruned ones too), the best of
+       each shard, then of each process (ties: the lowest global index).
+
+    The budget is checked against pairs and against images with at least one (kept) pair; identical image rows
+    are not looked for here (a streaming pass cannot hash every row cheaply), so they count as distinct images.
+
+    With several processes the labels, clusters, support and ``caption_index`` are those of one process, and
+    the prototypes agree to float32 rounding of their float64 sums, which are added in another order.
+
+    Args:
+        shards: this process's shards (:class:`ShardLike`).
+        sample_per_centre: points per centre in k-means' training sample.
+        state: the process state (``hf_pds.distributed.process_state()``); one process by default.
+        progress: tqdm bars, one per pass, on the main process.
+        The other arguments are :func:`extract_prototypes`'s.
+
+    Returns:
+        :class:`Prototypes`, as :func:`extract_prototypes` returns them; ``settings`` adds ``"engine":
+        "sharded"`` and ``"sample_size"``.
+
+    Raises:
+        ValueError: as :func:`extract_prototypes`, naming the shard (and row) at fault; also a shard given twice.
+    """
+    prune_ratio = check_prune_ratio(prune_ratio)
+    seed = check_seed(seed)
+    if not isinstance(normalize, (bool, np.bool_)):
+        raise ValueError(f"normalize must be True or False, got {normalize!r}.")
+    if isinstance(sample_per_centre, bool) or not isinstance(sample_per_centre, (int, np.integer)):
+        raise ValueError(f"sample_per_centre must be a positive integer, got {sample_per_centre!r}.")
+    if sample_per_centre < 1:
+        raise ValueError(f"sample_per_centre must be a positive integer, got {sample_per_centre!r}.")
+    backend = resolve_kmeans_backend(kmeans_backend, device)
+    options = {"device": torch_device(device)} if backend == "torch" else {}
+    layout = _Layout.of(shards, state)
+    budget = check_budget(budget, layout.n_pairs, prune_ratio)
+    label_dtype = np.int16 if budget <= np.iinfo(np.int16).max else np.int32
+    show = progress and state.is_main_process
+
+    # 1. Check every shard, take the cosines, prune.
+    keys, first = _check_shards(layout, prune_ratio > 0, show, state)
+    image_dim, text_dim = first.image_dim, first.text_dim
+    shared_space = _shared_space(image_dim, text_dim, prune_ratio)
+    check_budget(budget, layout.n_pairs, prune_ratio, n_images=first.used_images)
+    n_drop = int(layout.n_pairs * prune_ratio)
+    kept = _kept_pairs(keys, layout, n_drop, state)
+    del keys
+
+    # 2. Train the centres on a sample of the kept pairs.
+    kept_offsets, n_kept = _offsets({ref.index: int(kept[piece].sum()) for ref, piece in layout.mine()}, state)
+    sample_size = min(n_kept, sample_per_centre * budget)
+    ranks = (
+        np.arange(n_kept)
+        if sample_size == n_kept
+        else np.sort(np.random.default_rng(seed).choice(n_kept, size=sample_size, replace=False))
+    )
+    weighted = backend in WEIGHTED_BACKENDS
+    pieces, images = [], np.zeros(2, dtype=np.int64)  # images with a kept pair, images in the sample
+    for ref, piece in _each(layout, "sample", show):
+        part, kept_images = _sample_of_shard(ref, kept[piece], ranks, kept_offsets[ref.index], weighted)
+        pieces.append((ref.index, part))
+        images += (kept_images, part[3])
+    kept_images, sampled_images = all_reduce_sum(images, state).tolist()
+    _check_kept_images(budget, kept_images)
+    if sampled_images < budget:
+        raise ValueError(
+            f"budget={budget} is larger than the {sampled_images} distinct images of k-means' sample of "
+            f"{sample_size} pairs; raise sample_per_centre ({sample_per_centre}) or lower the budget."
+        )
+    gathered = all_gather(pieces, state)
+    del pieces
+    centres = None
+    if state.is_main_process:  # one process trains: no thread nondeterminism between processes
+        sample_images, sample_weights, sample_texts = _join_sample(gathered, normalize)
+        del gathered
+        image_centres = kmeans(sample_images, budget, seed, backend, sample_weights, **options)[1]
+        text_centres = kmeans(sample_texts, budget, seed, backend, **options)[1]
+        centres = (image_centres, text_centres)
+        del sample_images, sample_texts
+    image_centres, text_centres = broadcast(centres, state)
+    exponents = (0, 0) if normalize else (scale_exponent(first.image_largest), scale_exponent(first.text_largest))
+
+    # 3. Assign every kept pair to its two nearest centres; count and match.
+    image_labels = np.full(len(kept), -1, dtype=label_dtype)
+    text_labels = np.full(len(kept), -1, dtype=label_dtype)
+    table = np.zeros((budget, budget), dtype=np.int64)
+    raw = _Sums(budget, image_dim, text_dim)  # with normalize: the raw centres of the clusters
+    for ref, piece in _each(layout, "assign", show):
+        image_labels[piece], text_labels[piece] = _assign_shard(
+            ref, kept[piece], image_centres, text_centres, normalize, exponents, raw if normalize else None
+        )
+        table += count_table(image_labels[piece][kept[piece]], text_labels[piece][kept[piece]], budget)
+    del kept
+    table = all_reduce_sum(table, state)
+    image_cluster, text_cluster = match_clusters(table)
+    if normalize:
+        raw = raw.reduced(state)
+        image_centres = raw.means("image", image_centres)
+        text_centres = raw.means("text", text_centres)
+
+    # 4. Raw means over each matched intersection.
+    matched_cell = np.full((budget, budget), -1, dtype=np.int64)
+    matched_cell[image_cluster, text_cluster] = np.arange(budget)
+    sums = _Sums(budget, image_dim, text_dim)
+    for ref, piece in _each(layout, "means", show):
+        _add_intersections(ref, image_labels[piece], text_labels[piece], matched_cell, sums)
+    del image_labels, text_labels
+    sums = sums.reduced(state)
+    image_prototypes = sums.means("image", image_centres[image_cluster])
+    text_prototypes = sums.means("text", text_centres[text_cluster])
+    support = table[image_cluster, text_cluster]
+    order, similarity = _order(image_prototypes, text_prototypes, support, shared_space)
+
+    # 5. Caption of each text prototype: the nearest caption of all pairs, best of each shard, then of all.
+    queries = _l2_normalize(text_prototypes[order])
+    best = [_best_of_shard(ref, queries, layout.pair_offset[ref.index]) for ref, _ in _each(layout, "captions", show)]
+    caption_index = _best_of(all_gather(best, state))
+
+    return Prototypes(
+        image_prototypes=image_prototypes[order],
+        text_prototypes=text_prototypes[order],
+        caption_index=caption_index,
+        image_cluster=image_cluster[order].astype(np.int64),
+        text_cluster=text_cluster[order].astype(np.int64),
+        support=support[order].astype(np.int64),
+        similarity=similarity,
+        n_pairs=layout.n_pairs,
+        n_pruned=layout.n_pairs - n_kept,
+        settings={
+            "budget": int(budget),
+            "prune_ratio": float(prune_ratio),
+            "normalize": bool(normalize),
+            "seed": int(seed),
+            "kmeans_backend": backend,
+            "engine": "sharded",
+            "sample_size": int(sample_size),
+        },
+    )
+
+
+def _image_of_pairs(shard) -> np.ndarray:
+    """The shard's image row of each pair (``caption_image``; None: pair ``i`` is image ``i``)."""
+    if shard.caption_image is None:
+        return np.arange(len(shard.text_embeds))
+    return np.asarray(shard.caption_image)
+
+
+def _offsets(counts: dict[int, int], state) -> tuple[dict[int, int], int]:
+    """For this process's ``counts`` (``{shard index: count}``), the number of items in the shards of lower
+    index, over all processes; and the total. ``ValueError`` when two processes (or one) name a shard twice."""
+    merged: dict[int, int] = {}
+    for part in all_gather(counts, state):
+        repeated = sorted(set(merged) & set(part))
+        if repeated:
+            raise ValueError(
+                f"shard index {repeated[0]} is given to more than one process; every shard must be read by "
+                "exactly one process."
+            )
+        merged.update(part)
+    offsets, total = {}, 0
+    for index in sorted(merged):
+        offsets[index], total = total, total + merged[index]
+    return {index: offsets[index] for index in counts}, total
+
+
+@dataclass
+class _Layout:
+    """This process's shards in index order, where their pairs lie among this process's per-pair arrays
+    (``pieces``) and among all pairs (``pair_offset``)."""
+
+    refs: list
+    pieces: list[slice]
+    pair_offset: dict[int, int]
+    n_pairs: int
+
+    @classmethod
+    def of(cls, shards: Sequence[ShardLike], state) -> _Layout:
+        refs = sorted(shards, key=lambda ref: ref.index)
+        if len({ref.index for ref in refs}) != len(refs):
+            raise ValueError(f"shard indices repeat in {[ref.index for ref in refs]}: every shard must be read once.")
+        pair_offset, n_pairs = _offsets({ref.index: int(ref.n_pairs) for ref in refs}, state)
+        stops = np.cumsum([int(ref.n_pairs) for ref in refs], dtype=np.int64)
+        pieces = [slice(int(stop) - int(ref.n_pairs), int(stop)) for ref, stop in zip(refs, stops, strict=True)]
+        return cls(refs, pieces, pair_offset, n_pairs)
+
+    @property
+    def local_pairs(self) -> int:
+        return self.pieces[-1].stop if self.pieces else 0
+
+    def mine(self):
+        return zip(self.refs, self.pieces, strict=True)
+
+
+def _each(layout: _Layout, what: str, show: bool):
+    """This process's (shard, its pairs) in index order, with a progress bar when ``show``."""
+    if not show:
+        return layout.mine()
+    from tqdm.auto import tqdm
+
+    return tqdm(layout.mine(), total=len(layout.refs), desc=f"prototypes: {what}", unit="shard")
+
+
+@dataclass
+class _FirstPass:
+    """What the first pass learns over all processes: the widths, the images with at least one pair, and the
+    largest absolute value of each modality."""
+
+    image_dim: int
+    text_dim: int
+    used_images: int
+    image_largest: float
+    text_largest: float
+
+
+def _check_shards(layout: _Layout, cosines: bool, show: bool, state) -> tuple[np.ndarray, _FirstPass]:
+    """Pass 1: check every shard (see :func:`_check_shard`) and take the cosine keys of this process's pairs
+    (empty without ``cosines``). A bad shard raises the same ``ValueError`` on every process (the first bad
+    shard's), so that none waits for the others."""
+    keys = np.empty(layout.local_pairs if cosines else 0, dtype=np.int32)
+    error, widths, used, largest = None, None, 0, [0.0, 0.0]
+    try:
+        for ref, piece in _each(layout, "check", show):
+            shard_widths, shard_used, shard_largest, shard_keys = _check_shard(ref, cosines)
+            if widths is not None and shard_widths[1:] != widths[1:]:
+                raise _width_error(widths, shard_widths)
+            widths = widths or shard_widths
+            used += shard_used
+            largest = [max(pair) for pair in zip(largest, shard_largest, strict=True)]
+            if shard_keys is not None:
+                keys[piece] = shard_keys
+    except ValueError as raised:
+        error = str(raised)
+    reports = all_gather((error, widths, used, largest), state)
+    errors = [report[0] for report in reports if report[0] is not None]
+    if errors:
+        raise ValueError(errors[0])
+    known = [report[1] for report in reports if report[1] is not None]
+    for other in known[1:]:
+        if other[1:] != known[0][1:]:
+            raise _width_error(known[0], other)
+    return keys, _FirstPass(
+        image_dim=known[0][1],
+        text_dim=known[0][2],
+        used_images=sum(report[2] for report in reports),
+        image_largest=max(report[3][0] for report in reports),
+        text_largest=max(report[3][1] for report in reports),
+    )
+
+
+def _width_error(first: tuple, other: tuple) -> ValueError:
+    return ValueError(
+        f"shard {other[0]!r} has {other[1]}-d image and {other[2]}-d text embeddings, shard {first[0]!r} "
+        f"{first[1]}-d and {first[2]}-d: every shard must have the same widths."
+    )
+
+
+def _check_shard(ref: ShardLike, cosines: bool) -> tuple[tuple, int, tuple[float, float], np.ndarray | None]:
+    """Read one shard: ``ValueError`` naming it (and the row) unless its matrices are finite, fit float32 and
+    have the sizes its reference gives, and ``caption_image`` holds rows of ``image_embeds``. Returns its
+    (name, widths), its images with at least one pair, the largest absolute value of each modality, and the
+    sortable keys of its pair cosines (when ``cosines``)."""
+    shard = ref.load()
+    name = ref.name
+    image_embeds, text_embeds = np.asarray(shard.image_embeds), np.asarray(shard.text_embeds)
+    largest = (
+        _check_rows(f"image_embeds of shard {name!r}", image_embeds),
+        _check_rows(f"text_embeds of shard {name!r}", text_embeds),
+    )
+    if (len(image_embeds), len(text_embeds)) != (ref.n_images, ref.n_pairs):
+        raise ValueError(
+            f"shard {name!r} holds {len(image_embeds)} images and {len(text_embeds)} pairs, its reference says "
+            f"{ref.n_images} and {ref.n_pairs}."
+        )
+    caption_image = shard.caption_image
+    if caption_image is None:
+        if len(image_embeds) != len(text_embeds):
+            raise ValueError(
+                f"shard {name!r} has no caption_image (pair i is image i) but {len(image_embeds)} images and "
+                f"{len(text_embeds)} pairs."
+            )
+        used = len(image_embeds)
+    else:
+        caption_image = np.asarray(caption_image)
+        if caption_image.shape != (len(text_embeds),) or not np.issubdtype(caption_image.dtype, np.integer):
+            raise ValueError(
+                f"caption_image of shard {name!r} must hold one integer row per pair ({len(text_embeds)}), got "
+                f"shape {caption_image.shape} and dtype {caption_image.dtype}."
+            )
+        out_of_range = (caption_image < 0) | (caption_image >= len(image_embeds))
+        if out_of_range.any():
+            row = int(np.flatnonzero(out_of_range)[0])
+            raise ValueError(
+                f"caption_image[{row}] of shard {name!r} is {int(caption_image[row])}, not a row of its "
+                f"image_embeds (valid: 0..{len(image_embeds) - 1}); {int(out_of_range.sum())} entries are out of range."
+            )
+        used = len(np.unique(caption_image))
+    # Widths that differ refuse pruning after this pass (see _shared_space), with the message of extract_prototypes.
+    shared = image_embeds.shape[1] == text_embeds.shape[1]
+    keys = _sortable(pair_cosine(image_embeds, text_embeds, caption_image)) if cosines and shared else None
+    return (name, image_embeds.shape[1], text_embeds.shape[1]), used, largest, keys
+
+
+def _sortable(cosine: np.ndarray) -> np.ndarray:
+    """int32 keys in the order of float32 ``cosine`` (-0.0 and 0.0 equal, as in a sort): the bits of a
+    non-negative float, the negated magnitude bits of a negative one."""
+    bits = (cosine + np.float32(0.0)).view(np.int32)  # -0.0 + 0.0 is 0.0
+    return np.where(bits < 0, -(bits & np.int32(0x7FFFFFFF)), bits)
+
+
+def _kept_pairs(keys: np.ndarray, layout: _Layout, n_drop: int, state) -> np.ndarray:
+    """Whether each of this process's pairs survives pruning: exactly :func:`prune_pairs`'s set over all pairs.
+
+    The threshold is the smallest key with more than ``n_drop`` pairs at or below it, found by bisection over
+    the int32 keys (at most 32 steps, each a count summed over processes). Pairs below it are dropped, pairs
+    above it kept, and of the pairs at it the first ``n_drop - (pairs below)`` by global position are dropped."""
+    if n_drop == 0:
+        return np.ones(layout.local_pairs, dtype=bool)
+
+    def count(selected: np.ndarray) -> int:
+        return int(all_reduce_sum(np.array([np.count_nonzero(selected)], dtype=np.int64), state)[0])
+
+    bounds = [pair for pair in all_gather((int(keys.min()), int(keys.max())) if len(keys) else None, state) if pair]
+    low, high = min(pair[0] for pair in bounds), max(pair[1] for pair in bounds)
+    while low < high:
+        middle = (low + high) // 2
+        if count(keys <= middle) > n_drop:
+            high = middle
+        else:
+            low = middle + 1
+    ties_dropped = n_drop - count(keys < low)
+    tied = keys == low
+    tie_offsets, _ = _offsets({ref.index: int(tied[piece].sum()) for ref, piece in layout.mine()}, state)
+    kept = keys > low
+    for ref, piece in layout.mine():
+        rank = tie_offsets[ref.index] + np.cumsum(tied[piece]) - 1
+        kept[piece] |= tied[piece] & (rank >= ties_dropped)
+    return kept
+
+
+def _join_sample(gathered: list, normalize: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """k-means' training points from every process's sample parts, in global pair order: the sampled pairs'
+    images (distinct, with their sampled pairs as weights; or one row per pair and no weights) and texts,
+    L2-normalised when ``normalize``."""
+    parts = [part for _, part in sorted((piece for process in gathered for piece in process), key=lambda p: p[0])]
+    images = np.concatenate([part[0] for part in parts])
+    texts = np.concatenate([part[2] for part in parts])
+    weights = None if parts[0][1] is None else np.concatenate([part[1] for part in parts])
+    if normalize:
+        images, texts = _l2_normalize(images), _l2_normalize(texts)
+    return images, weights, texts
+
+
+def _sample_of_shard(
+    ref: ShardLike, kept: np.ndarray, ranks: np.ndarray, kept_offset: int, weighted: bool
+) -> tuple[tuple, int]:
+    """Pass 2 on one shard: its part of the sample (the kept pairs whose global kept rank is in ``ranks``) as
+    (image rows, their weights or None, text rows, distinct images), in float32; and its images with a kept pair."""
+    shard = ref.load()
+    pairs = np.flatnonzero(kept)
+    images_of = _image_of_pairs(shard)[pairs]
+    start, stop = np.searchsorted(ranks, [kept_offset, kept_offset + len(pairs)])
+    chosen = ranks[start:stop] - kept_offset
+    images = images_of[chosen]
+    distinct, counts = np.unique(images, return_counts=True)
+    rows, weights = (distinct, counts) if weighted else (images, None)
+    part = (
+        np.asarray(shard.image_embeds[rows], dtype=np.float32),
+        weights,
+        np.asarray(shard.text_embeds[pairs[chosen]], dtype=np.float32),
+        len(distinct),
+    )
+    return part, len(np.unique(images_of))
+
+
+def _assign(embeds: np.ndarray, rows: np.ndarray, centres: np.ndarray, normalize: bool, exponent: int) -> np.ndarray:
+    """Nearest centre of each of ``embeds[rows]``, a block of rows at a time: each block is converted to float32
+    (L2-normalised when ``normalize``, else divided by ``2**exponent`` as k-means divided its points), and its
+    ``[rows, K]`` distances stay within ``DISTANCE_BLOCK_ELEMENTS``."""
+    if exponent:
+        centres = np.ldexp(centres, -exponent)
+    centre_squared = np.einsum("kd,kd->k", centres, centres)
+    labels = np.empty(len(rows), dtype=np.int64)
+    step = block_rows(len(centres))
+    for start in range(0, len(rows), step):
+        block = np.asarray(embeds[rows[start : start + step]], dtype=np.float32)
+        if normalize:
+            block = _l2_normalize(block)
+        elif exponent:
+            block = np.ldexp(block, -exponent)
+        labels[start : start + step] = nearest_centres(block, centres, centre_squared)
+    return labels
+
+
+class _Sums:
+    """Float64 sums of raw image and text rows per label, with their counts (pairs), summed over processes."""
+
+    def __init__(self, n_labels: int, image_dim: int, text_dim: int):
+        self.sums = {"image": np.zeros((n_labels, image_dim)), "text": np.zeros((n_labels, text_dim))}
+        self.counts = {"image": np.zeros(n_labels, dtype=np.int64), "text": np.zeros(n_labels, dtype=np.int64)}
+
+    def add(
+        self, modality: str, embeds: np.ndarray, rows: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None
+    ) -> None:
+        """Add ``weights[i] * embeds[rows[i]]`` (weights: 1 when None) to label ``labels[i]``'s sum."""
+        from scipy import sparse
+
+        sums = self.sums[modality]
+        weights = np.ones(len(rows), dtype=np.int64) if weights is None else np.asarray(weights, dtype=np.int64)
+        self.counts[modality] += np.bincount(labels, weights=weights, minlength=len(sums)).astype(np.int64)
+        step = max(1, SUM_BLOCK_ELEMENTS // sums.shape[1])
+        for start in range(0, len(rows), step):
+            stop = min(start + step, len(rows))
+            members = sparse.csr_matrix(
+                (weights[start:stop].astype(np.float64), (labels[start:stop], np.arange(stop - start))),
+                shape=(len(sums), stop - start),
+            )
+            sums += members @ np.asarray(embeds[rows[start:stop]], dtype=np.float64)
+
+    def reduced(self, state) -> _Sums:
+        for modality in self.sums:
+            self.sums[modality] = all_reduce_sum(self.sums[modality], state)
+            self.counts[modality] = all_reduce_sum(self.counts[modality], state)
+        return self
+
+    def means(self, modality: str, fallback: np.ndarray) -> np.ndarray:
+        return _means(self.sums[modality], self.counts[modality], fallback)
+
+
+def _means(sums: np.ndarray, counts: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """``sums / counts`` per row as float32; a row with no member takes its row of ``fallback``."""
+    means = fallback.astype(np.float64, copy=True)
+    filled = counts > 0
+    means[filled] = sums[filled] / counts[filled, None]
+    return means.astype(np.float32)
+
+
+def _assign_shard(
+    ref: ShardLike,
+    kept: np.ndarray,
+    image_centres: np.ndarray,
+    text_centres: np.ndarray,
+    normalize: bool,
+    exponents: tuple[int, int],
+    raw: _Sums | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pass 3 on one shard: the image and text label of each of its pairs (-1 when pruned), each kept image row
+    assigned once; with ``raw``, the raw rows are also summed per label (an image once per kept pair)."""
+    shard = ref.load()
+    pairs = np.flatnonzero(kept)
+    used, image_of_pair, pairs_per_image = np.unique(
+        _image_of_pairs(shard)[pairs], return_inverse=True, return_counts=True
+    )
+    used_labels = _assign(shard.image_embeds, used, image_centres, normalize, exponents[0])
+    text_labels = np.full(len(kept), -1, dtype=np.int64)
+    text_labels[pairs] = _assign(shard.text_embeds, pairs, text_centres, normalize, exponents[1])
+    image_labels = np.full(len(kept), -1, dtype=np.int64)
+    image_labels[pairs] = used_labels[image_of_pair]
+    if raw is not None:
+        raw.add("image", shard.image_embeds, used, used_labels, pairs_per_image)
+        raw.add("text", shard.text_embeds, pairs, text_labels[pairs])
+    return image_labels, text_labels
+
+
+def _add_intersections(
+    ref: ShardLike, image_labels: np.ndarray, text_labels: np.ndarray, matched_cell: np.ndarray, sums: _Sums
+) -> None:
+    """Pass 4 on one shard: add the raw rows of every kept pair in a matched cell to its prototype's sums (an
+    image row once, weighted by its pairs in the cell)."""
+    shard = ref.load()
+    pairs = np.flatnonzero(image_labels >= 0)
+    prototype = matched_cell[image_labels[pairs], text_labels[pairs]]
+    inside = prototype >= 0
+    pairs, prototype = pairs[inside], prototype[inside]
+    n_prototypes = len(matched_cell)
+    cells, counts = np.unique(_image_of_pairs(shard)[pairs] * n_prototypes + prototype, return_counts=True)
+    sums.add("image", shard.image_embeds, cells // n_prototypes, cells % n_prototypes, counts)
+    sums.add("text", shard.text_embeds, pairs, prototype)
+
+
+def _best_of_shard(ref: ShardLike, unit_queries: np.ndarray, pair_offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pass 5 on one shard: (global pair index, cosine) of the caption nearest each unit query (ties: the
+    lowest index)."""
+    index, score = _best_by_cosine(unit_queries, ref.load().text_embeds, block_rows(len(unit_queries)))
+    return index + pair_offset, score
+
+
+def _best_of(gathered: list) -> np.ndarray:
+    """The global pair index of the best candidate of each query among every shard's (index, cosine) pair of
+    arrays: the highest cosine, ties to the lowest index."""
+    candidates = [candidate for process in gathered for candidate in process]
+    index = np.stack([candidate[0] for candidate in candidates])
+    score = np.stack([candidate[1] for candidate in candidates])
+    best = np.lexsort((index, -score), axis=0)[0]
+    return index[best, np.arange(index.shape[1])]

@@ -132,12 +132,12 @@ def kmeans_nearest_selection(
     (each distinct image once), then :func:`nearest_distinct_rows` from the centres, so that two centres never
     pick the same image (a centre whose nearest image is taken gets the next nearest).
 
-    k-means is the prototype engine's (:func:`hf_pds.prototypes.kmeans`) with ``seed`` as its random state;
+    k-means is the prototype engine's (:func:`hf_pds.kmeans.kmeans`) with ``seed`` as its random state;
     ``kmeans_backend`` is resolved as :func:`hf_pds.extract_prototypes` resolves it and defaults, as
     :func:`pds_select` does, to the reference's MiniBatchKMeans call. Returns ``[budget]`` int64 distinct rows,
     in the order of the centres.
     """
-    from ..prototypes import kmeans, resolve_kmeans_backend
+    from ..kmeans import kmeans, resolve_kmeans_backend
 
     points = _check_features(image_embeds)
     budget = _check_budget(budget, len(points))
@@ -175,7 +175,7 @@ def pds_select(
 
     ``prune_ratio`` must be 0 when the image and text embeddings have different widths (two encoders of two
     spaces): see :func:`hf_pds.extract_prototypes`. ``kmeans_backend`` defaults to the reference's
-    MiniBatchKMeans call; ``"fast"`` seeds it faster (see :func:`hf_pds.prototypes.kmeans`).
+    MiniBatchKMeans call; ``"fast"`` seeds it faster (see :func:`hf_pds.kmeans.kmeans`).
     """
     points = _check_features(image_embeds)
     prototypes = extract_prototypes(
