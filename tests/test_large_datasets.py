@@ -4,6 +4,7 @@ and ``pipe(embeddings=...)``, a dataset with embedding columns, with the 768-d c
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -116,7 +117,7 @@ def test_a_nan_row_is_named_by_its_shard_and_row(pipe, planted, tmp_path):
     images[SHARD + 7, 3] = np.nan  # row 7 of the second shard
     folder = write_clip_retrieval(tmp_path / "nan", images, texts, captions, shard_size=SHARD)
     for stage in ("in-memory", "sharded"):
-        with pytest.raises(ValueError, match=r"img_emb_1\.npy.*row 7"):
+        with pytest.raises(ValueError, match=r"img_emb_1\.npy.*rows: \[7\]"):
             pipe(embeddings=folder, budget=3, prototype_stage=stage, **FAST)
 
 
@@ -163,3 +164,39 @@ def test_two_processes_give_the_same_distilled_set_as_one_on_the_sharded_stage(f
     )  # fmt: skip
     assert double.returncode == 0, double.stdout + double.stderr
     assert folder_bytes(tmp_path / "two") == folder_bytes(tmp_path / "one")
+
+    # Two machines without a shared file system: each holds only the shards its process reads (process 0 shards 0
+    # and 1, process 1 shard 2, of 3), under the same name.
+    nodes = [tmp_path / f"node{rank}" / "embeddings" for rank in (0, 1)]
+    held = {0: (0, 1), 1: (2,)}
+    for rank, node in enumerate(nodes):
+        shutil.copytree(folder, node)
+        for path in node.rglob("*_[0-9]*.*"):
+            if int(path.stem.rsplit("_", 1)[1]) not in held[rank]:
+                path.unlink()
+    spread = torchrun_per_rank(nodes, small, tmp_path / "spread", environment)
+    assert spread.returncode == 0, spread.stdout + spread.stderr
+    assert folder_bytes(tmp_path / "spread") == folder_bytes(tmp_path / "one")
+
+    # A machine that lacks a shard its process reads is named, by every process, before any work.
+    shutil.rmtree(nodes[1])
+    shutil.copytree(nodes[0], nodes[1])  # node 1 holds shards 0 and 1, not shard 2, which its process reads ...
+    shutil.rmtree(nodes[0])
+    shutil.copytree(folder, nodes[0])  # ... and node 0 holds all three
+    refused = torchrun_per_rank(nodes, small, tmp_path / "refused", environment)
+    assert refused.returncode != 0
+    assert "Process 1 of 2 reads shards 2 to 2" in refused.stdout + refused.stderr
+    assert not (tmp_path / "refused" / "data").exists()
+
+
+def torchrun_per_rank(nodes, small, output, environment) -> subprocess.CompletedProcess:
+    """``hf-pds distill`` on 2 processes, process ``r`` reading ``nodes[r]`` (as a machine reads its own disk)."""
+    arguments = distill_embeddings("$NODE", small, output, "--prototype-stage", "sharded")
+    script = f'NODE={nodes[0].parent.parent}/node$RANK/embeddings; exec "$0" -m hf_pds.cli ' + " ".join(
+        f'"{argument}"' for argument in arguments
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
+         "bash", "-c", script, sys.executable],
+        capture_output=True, text=True, timeout=600, env=environment,
+    )  # fmt: skip

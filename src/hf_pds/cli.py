@@ -357,6 +357,7 @@ def _distill(args: argparse.Namespace) -> Path:
     from .hub import check_output_folder
     from .kmeans import resolve_kmeans_backend
     from .pipeline_pds import check_generation_settings, check_pipeline_folder
+    from .precomputed import open_clip_retrieval
     from .prototypes import check_budget, check_prune_ratio, check_seed
     from .run_state import hold_run
 
@@ -390,6 +391,8 @@ def _distill(args: argparse.Namespace) -> Path:
             raise ValueError(f"--{option.replace('_', '-')} must be a positive integer, got {value}.")
     if args.pipeline not in (None, SELECT_PIPELINE, TINY_PIPELINE):
         check_pipeline_folder(args.pipeline)
+    if args.embeddings is not None:  # its layout and row counts (headers and footers only), before a model loads
+        open_clip_retrieval(args.embeddings, caption_column=args.caption_column)
     output = check_output_folder(
         DEMO_OUTPUT if args.output is None else args.output,
         args.overwrite,
@@ -466,6 +469,7 @@ def _load_and_distill(args: argparse.Namespace, output: Path, state, device: str
     # The options named as the pipeline's keyword arguments go through as they are.
     parameters = inspect.signature(PDSPipeline.__call__).parameters.values()
     keywords = {parameter.name for parameter in parameters if parameter.default is not parameter.empty}
+    keywords.discard("dataset")  # --dataset names what was loaded above; the pipeline takes the loaded dataset
     given = {
         "budget": budget,
         "num_inference_steps": steps,

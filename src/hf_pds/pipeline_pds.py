@@ -76,6 +76,7 @@ from .precomputed import (
 from .prototypes import (
     check_budget,
     check_prune_ratio,
+    check_rows,
     check_seed,
     extract_prototypes,
     extract_prototypes_sharded,
@@ -990,7 +991,7 @@ class PDSPipeline(DiffusionPipeline):
         else:
             prototypes = None
             if state.is_main_process:
-                image_embeds, text_embeds, caption_image = load_pairs(source.shards)
+                image_embeds, text_embeds, caption_image = load_pairs(source.shards, check=check_rows)
                 prototypes = extract_prototypes(image_embeds, text_embeds, caption_image, **options)
                 # The dataset rows a decoder reads (select: the real images it picks).
                 sources = self.decoder.sources(image_embeds, source.rows, prototypes, settings["candidates"])

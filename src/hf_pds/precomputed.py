@@ -728,9 +728,13 @@ class _SpreadEmbeddings(PrecomputedEmbeddings):
             found.update(part)
         return [found[position] for position in range(len(pairs))]
 
-    def unit_norm(self) -> bool:
-        """Whether every machine's sample is of unit norm (every process gets the same answer)."""
-        return all(all_gather(self._local.unit_norm(), self._state))
+    def _sampled_norms(self) -> tuple[np.ndarray, np.ndarray]:
+        """The norms sampled on every machine, from its own shards, gathered (call it on every process): every
+        process sees the same sample, so :meth:`unit_norm` and :meth:`norms` agree everywhere."""
+        if self._norms is None:
+            samples = all_gather(self._local._sampled_norms(), self._state)
+            self._norms = tuple(np.concatenate([sample[part] for sample in samples]) for part in (0, 1))
+        return self._norms
 
 
 def _elsewhere(number: int):

@@ -144,11 +144,11 @@ def check_seed(seed: int) -> int:
 
 def _check_embeddings(name: str, embeds: np.ndarray) -> np.ndarray:
     embeds = np.asarray(embeds)
-    _check_rows(name, embeds)
+    check_rows(name, embeds)
     return embeds.astype(np.float32, copy=False)
 
 
-def _check_rows(name: str, embeds: np.ndarray) -> float:
+def check_rows(name: str, embeds: np.ndarray) -> float:
     """Raise unless ``embeds`` is a non-empty numeric ``[rows, dim]`` matrix whose rows are finite and fit
     float32; the message names ``name`` and the first bad rows. Returns the largest absolute value."""
     if embeds.ndim != 2:
@@ -820,8 +820,8 @@ def _check_shard(ref: ShardLike, cosines: bool) -> tuple[tuple, int, tuple[float
     name = ref.name
     image_embeds, text_embeds = np.asarray(shard.image_embeds), np.asarray(shard.text_embeds)
     largest = (
-        _check_rows(f"image_embeds of shard {name!r}", image_embeds),
-        _check_rows(f"text_embeds of shard {name!r}", text_embeds),
+        check_rows(f"image_embeds of shard {name!r}", image_embeds),
+        check_rows(f"text_embeds of shard {name!r}", text_embeds),
     )
     if (len(image_embeds), len(text_embeds)) != (ref.n_images, ref.n_pairs):
         raise ValueError(

@@ -399,13 +399,22 @@ class Store:
 
 
 def load_pairs(
-    shards: list[ShardRef], dtype: str = "float32", image_dim: int = 0, text_dim: int = 0
+    shards: list[ShardRef],
+    dtype: str = "float32",
+    image_dim: int = 0,
+    text_dim: int = 0,
+    check: Callable[[str, np.ndarray], object] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(image_embeds, text_embeds, caption_image)`` of ``shards`` read whole and concatenated in their order, with
-    ``caption_image`` made global (the in-memory path); ``dtype`` and the widths shape the result of no shard."""
+    ``caption_image`` made global (the in-memory path); ``dtype`` and the widths shape the result of no shard.
+    ``check(name, matrix)``, when given, sees each shard's matrices first, named by their shard (so that a bad row is
+    named by its shard and row, not by its place in the concatenation)."""
     images, texts, pairs, offset = [], [], [], 0
     for shard in shards:
         loaded = shard.load()
+        if check is not None:
+            check(f"image_embeds of shard {shard.name!r}", np.asarray(loaded.image_embeds))
+            check(f"text_embeds of shard {shard.name!r}", np.asarray(loaded.text_embeds))
         images.append(np.asarray(loaded.image_embeds))
         texts.append(np.asarray(loaded.text_embeds))
         pairs.append(loaded.image_of_pairs().astype(np.int64) + offset)
