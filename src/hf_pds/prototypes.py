@@ -483,6 +483,26 @@ def extract_prototypes(
     # 6. Caption of each text prototype: the closest training caption (all captions, pruned or not).
     caption_index = nearest_by_cosine(text_prototypes[order], text_embeds)
 
+    return _sorted(
+        order,
+        similarity,
+        caption_index,
+        (image_prototypes, text_prototypes, image_cluster, text_cluster, support),
+        (n_pairs, len(kept)),
+        {"budget": budget, "prune_ratio": prune_ratio, "normalize": normalize, "seed": seed, "kmeans_backend": backend},
+    )
+
+
+def _sorted(order, similarity, caption_index, arrays: tuple, sizes: tuple[int, int], settings: dict) -> Prototypes:
+    """The :class:`Prototypes` of both stages: ``arrays`` (image and text prototypes, their clusters, their support)
+    put in ``order``; ``sizes`` is (pairs, kept pairs); ``settings`` records the run's arguments."""
+    image_prototypes, text_prototypes, image_cluster, text_cluster, support = arrays
+    common = {
+        "budget": int(settings.pop("budget")),
+        "prune_ratio": float(settings.pop("prune_ratio")),
+        "normalize": bool(settings.pop("normalize")),
+        "seed": int(settings.pop("seed")),
+    }
     return Prototypes(
         image_prototypes=image_prototypes[order],
         text_prototypes=text_prototypes[order],
@@ -491,15 +511,9 @@ def extract_prototypes(
         text_cluster=text_cluster[order].astype(np.int64),
         support=support[order].astype(np.int64),
         similarity=similarity,
-        n_pairs=n_pairs,
-        n_pruned=n_pairs - len(kept),
-        settings={
-            "budget": int(budget),
-            "prune_ratio": float(prune_ratio),
-            "normalize": bool(normalize),
-            "seed": int(seed),
-            "kmeans_backend": backend,
-        },
+        n_pairs=sizes[0],
+        n_pruned=sizes[0] - sizes[1],
+        settings={**common, **settings},
     )
 
 
@@ -673,21 +687,17 @@ def extract_prototypes_sharded(
     best = [_best_of_shard(ref, queries, layout.pair_offset[ref.index]) for ref, _ in _each(layout, "captions", show)]
     caption_index = _best_of(all_gather(best, state))
 
-    return Prototypes(
-        image_prototypes=image_prototypes[order],
-        text_prototypes=text_prototypes[order],
-        caption_index=caption_index,
-        image_cluster=image_cluster[order].astype(np.int64),
-        text_cluster=text_cluster[order].astype(np.int64),
-        support=support[order].astype(np.int64),
-        similarity=similarity,
-        n_pairs=layout.n_pairs,
-        n_pruned=layout.n_pairs - n_kept,
-        settings={
-            "budget": int(budget),
-            "prune_ratio": float(prune_ratio),
-            "normalize": bool(normalize),
-            "seed": int(seed),
+    return _sorted(
+        order,
+        similarity,
+        caption_index,
+        (image_prototypes, text_prototypes, image_cluster, text_cluster, support),
+        (layout.n_pairs, n_kept),
+        {
+            "budget": budget,
+            "prune_ratio": prune_ratio,
+            "normalize": normalize,
+            "seed": seed,
             "kmeans_backend": backend,
             "engine": "sharded",
             "sample_size": int(sample_size),
