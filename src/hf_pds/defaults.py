@@ -20,7 +20,7 @@ DEFAULT_KMEANS_BACKEND = "auto"
 # in-memory stage up to IN_MEMORY_PAIRS pairs (docs/performance.md, "Large datasets", has the measurements).
 PROTOTYPE_STAGES = ("auto", "in-memory", "sharded")
 DEFAULT_PROTOTYPE_STAGE = "auto"
-IN_MEMORY_PAIRS = 1_000_000
+IN_MEMORY_PAIRS = 600_000  # COCO (566k pairs) stays in memory; at 1M pairs that stage peaked at 17.7 GiB
 # How the embedding cache stores embeddings: float32, or float16 (half the disk; docs/performance.md measures what
 # it changes in the prototypes).
 EMBEDDING_DTYPES = ("float32", "float16")

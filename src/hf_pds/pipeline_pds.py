@@ -820,7 +820,7 @@ class PDSPipeline(DiffusionPipeline):
             prototype_stage (`str`, defaults to `"auto"`): `"in-memory"` (every embedding in one process's memory,
                 k-means over every point), `"sharded"` (passes over the embedding shards, each process over its
                 own; k-means trained on a seeded sample of at most 256 pairs per centre; memory bounded by one
-                shard), or `"auto"`: in-memory up to 1M pairs, sharded beyond (docs/performance.md).
+                shard), or `"auto"`: in-memory up to 600,000 pairs, sharded beyond (docs/performance.md).
             embedding_dtype (`str`, defaults to `"float32"`): how the embedding cache stores embeddings; `"float16"`
                 halves its size on disk (docs/performance.md measures what it changes in the prototypes).
             prune_ratio (`float`, *optional*): fraction of pairs with the lowest image-text cosine dropped before

@@ -79,7 +79,7 @@ _ARRAYS = {"image_embeds": None, "text_embeds": None, "caption_image": "<i4", "r
 
 @dataclass
 class StoreArrays:
-    """A whole store in memory: the in-memory path of the prototype stage (up to about a million pairs).
+    """A whole store in memory: the in-memory path of the prototype stage (up to a few hundred thousand pairs).
 
     Attributes:
         image_embeds: ``[n_images, d]`` raw image embeddings, in the store's dtype.
@@ -383,7 +383,7 @@ class Store:
 
     def arrays(self) -> StoreArrays:
         """The whole store in memory (every shard read and concatenated; ``caption_image`` made global): the
-        in-memory path, for stores that fit (up to about a million pairs)."""
+        in-memory path, for stores that fit (up to a few hundred thousand pairs)."""
         image_embeds, text_embeds, caption_image = load_pairs(self.shards, self.dtype, self.image_dim, self.text_dim)
         return StoreArrays(image_embeds, text_embeds, caption_image, self.rows())
 
