@@ -489,20 +489,14 @@ def extract_prototypes(
         caption_index,
         (image_prototypes, text_prototypes, image_cluster, text_cluster, support),
         (n_pairs, len(kept)),
-        {"budget": budget, "prune_ratio": prune_ratio, "normalize": normalize, "seed": seed, "kmeans_backend": backend},
+        _settings(budget, prune_ratio, normalize, seed, backend),
     )
 
 
 def _sorted(order, similarity, caption_index, arrays: tuple, sizes: tuple[int, int], settings: dict) -> Prototypes:
     """The :class:`Prototypes` of both stages: ``arrays`` (image and text prototypes, their clusters, their support)
-    put in ``order``; ``sizes`` is (pairs, kept pairs); ``settings`` records the run's arguments."""
+    put in ``order``; ``sizes`` is (pairs, kept pairs); ``settings`` is :func:`_settings`'s."""
     image_prototypes, text_prototypes, image_cluster, text_cluster, support = arrays
-    common = {
-        "budget": int(settings.pop("budget")),
-        "prune_ratio": float(settings.pop("prune_ratio")),
-        "normalize": bool(settings.pop("normalize")),
-        "seed": int(settings.pop("seed")),
-    }
     return Prototypes(
         image_prototypes=image_prototypes[order],
         text_prototypes=text_prototypes[order],
@@ -513,14 +507,27 @@ def _sorted(order, similarity, caption_index, arrays: tuple, sizes: tuple[int, i
         similarity=similarity,
         n_pairs=sizes[0],
         n_pruned=sizes[0] - sizes[1],
-        settings={**common, **settings},
+        settings=settings,
     )
+
+
+def _settings(budget, prune_ratio, normalize, seed, backend: str, **extra) -> dict:
+    """The run's arguments as :attr:`Prototypes.settings` records them (plain Python types), then ``extra``."""
+    return {
+        "budget": int(budget),
+        "prune_ratio": float(prune_ratio),
+        "normalize": bool(normalize),
+        "seed": int(seed),
+        "kmeans_backend": backend,
+        **extra,
+    }
 
 
 class ShardLike(Protocol):
     """What :func:`extract_prototypes_sharded` reads of a shard (:class:`hf_pds.shards.ShardRef` is one):
-    ``load()`` gives an object with ``image_embeds`` ``[n_images, d]``, ``text_embeds`` ``[n_pairs, d_text]``
-    and ``caption_image`` ``[n_pairs]`` (None: pair ``i`` is image ``i``)."""
+    ``load()`` gives a :class:`hf_pds.shards.PairShard`: ``image_embeds`` ``[n_images, d]``, ``text_embeds``
+    ``[n_pairs, d_text]``, ``caption_image`` ``[n_pairs]`` (None: pair ``i`` is image ``i``) and
+    ``image_of_pairs()``."""
 
     index: int
     n_images: int
@@ -597,9 +604,11 @@ def extract_prototypes_sharded(
     seed = check_seed(seed)
     if not isinstance(normalize, (bool, np.bool_)):
         raise ValueError(f"normalize must be True or False, got {normalize!r}.")
-    if isinstance(sample_per_centre, bool) or not isinstance(sample_per_centre, (int, np.integer)):
-        raise ValueError(f"sample_per_centre must be a positive integer, got {sample_per_centre!r}.")
-    if sample_per_centre < 1:
+    if (
+        isinstance(sample_per_centre, bool)
+        or not isinstance(sample_per_centre, (int, np.integer))
+        or sample_per_centre < 1
+    ):
         raise ValueError(f"sample_per_centre must be a positive integer, got {sample_per_centre!r}.")
     backend = resolve_kmeans_backend(kmeans_backend, device)
     options = {"device": torch_device(device)} if backend == "torch" else {}
@@ -693,23 +702,8 @@ def extract_prototypes_sharded(
         caption_index,
         (image_prototypes, text_prototypes, image_cluster, text_cluster, support),
         (layout.n_pairs, n_kept),
-        {
-            "budget": budget,
-            "prune_ratio": prune_ratio,
-            "normalize": normalize,
-            "seed": seed,
-            "kmeans_backend": backend,
-            "engine": "sharded",
-            "sample_size": int(sample_size),
-        },
+        _settings(budget, prune_ratio, normalize, seed, backend, engine="sharded", sample_size=int(sample_size)),
     )
-
-
-def _image_of_pairs(shard) -> np.ndarray:
-    """The shard's image row of each pair (``caption_image``; None: pair ``i`` is image ``i``)."""
-    if shard.caption_image is None:
-        return np.arange(len(shard.text_embeds))
-    return np.asarray(shard.caption_image)
 
 
 def _offsets(counts: dict[int, int], state) -> tuple[dict[int, int], int]:
@@ -924,7 +918,7 @@ def _sample_of_shard(
     (image rows, their weights or None, text rows, distinct images), in float32; and its images with a kept pair."""
     shard = ref.load()
     pairs = np.flatnonzero(kept)
-    images_of = _image_of_pairs(shard)[pairs]
+    images_of = shard.image_of_pairs()[pairs]
     start, stop = np.searchsorted(ranks, [kept_offset, kept_offset + len(pairs)])
     chosen = ranks[start:stop] - kept_offset
     images = images_of[chosen]
@@ -1015,7 +1009,7 @@ def _assign_shard(
     shard = ref.load()
     pairs = np.flatnonzero(kept)
     used, image_of_pair, pairs_per_image = np.unique(
-        _image_of_pairs(shard)[pairs], return_inverse=True, return_counts=True
+        shard.image_of_pairs()[pairs], return_inverse=True, return_counts=True
     )
     used_labels = _assign(shard.image_embeds, used, image_centres, normalize, exponents[0])
     text_labels = np.full(len(kept), -1, dtype=np.int64)
@@ -1039,7 +1033,7 @@ def _add_intersections(
     inside = prototype >= 0
     pairs, prototype = pairs[inside], prototype[inside]
     n_prototypes = len(matched_cell)
-    cells, counts = np.unique(_image_of_pairs(shard)[pairs] * n_prototypes + prototype, return_counts=True)
+    cells, counts = np.unique(shard.image_of_pairs()[pairs] * n_prototypes + prototype, return_counts=True)
     sums.add("image", shard.image_embeds, cells // n_prototypes, cells % n_prototypes, counts)
     sums.add("text", shard.text_embeds, pairs, prototype)
 
